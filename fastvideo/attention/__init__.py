@@ -1,0 +1,3 @@
+from fastvideo.attention.layer import DistributedAttention, LocalAttention
+
+__all__ = ["DistributedAttention", "LocalAttention"]

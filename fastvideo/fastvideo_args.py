@@ -1,0 +1,104 @@
+"""Engine-wide settings: where the model is, which device and precisions, which kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+PRECISIONS: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+# On GPU, the precisions diffusers' Wan model cards load each component in: the DiT and the
+# text encoder in bf16, the VAE and the CLIP image encoder in fp32 (they are small and
+# sensitive). On CPU everything is fp32.
+_GPU_DEFAULT_PRECISION = {
+    "transformer": "bf16",
+    "text_encoder": "bf16",
+    "vae": "fp32",
+    "image_encoder": "fp32",
+}
+
+
+@dataclass
+class FastVideoArgs:
+    model_path: str
+    #: Pipeline class to run instead of the one ``model_index.json`` names.
+    pipeline_class_name: str | None = None
+    #: "cuda", "cuda:1", "cpu"; default: CUDA when available.
+    device: str | None = None
+    num_gpus: int = 1
+    sp_size: int = 1
+    tp_size: int = 1
+    cfg_parallel: bool = False
+    #: Per-component precision ("fp32", "bf16", "fp16"); None picks the default above.
+    dit_precision: str | None = None
+    vae_precision: str | None = None
+    text_encoder_precision: str | None = None
+    image_encoder_precision: str | None = None
+    #: Force an attention backend by name (e.g. "TORCH_SDPA"); None chooses automatically.
+    attention_backend: str | None = None
+    #: Extra per-pipeline options, read by the pipelines that know them.
+    pipeline_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_kwargs(cls, model_path: str, **kwargs: object) -> FastVideoArgs:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown FastVideoArgs field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        args = cls(model_path=model_path, **kwargs)  # type: ignore[arg-type]
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        for name in ("dit_precision", "vae_precision", "text_encoder_precision",
+                     "image_encoder_precision"):
+            value = getattr(self, name)
+            if value is not None and value not in PRECISIONS:
+                raise ValueError(f"{name}={value!r} is not a precision; choose from {list(PRECISIONS)}")
+        for name in ("num_gpus", "sp_size", "tp_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_gpus != 1 or self.sp_size != 1 or self.tp_size != 1 or self.cfg_parallel:
+            raise ValueError(
+                "num_gpus, sp_size, tp_size and cfg_parallel: this build runs one process "
+                "per pipeline; multi-GPU execution is not available yet (use the defaults 1, "
+                "1, 1, False)"
+            )
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device={self.device!r} is not a torch device string") from None
+        if self.attention_backend is not None:
+            from fastvideo.attention.selector import backend_from_name
+
+            backend_from_name(self.attention_backend, "attention_backend")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def precision_for(self, component: str) -> torch.dtype:
+        """The dtype a pipeline component (``transformer``, ``vae``, ...) is loaded in."""
+        explicit = {
+            "transformer": self.dit_precision,
+            "vae": self.vae_precision,
+            "text_encoder": self.text_encoder_precision,
+            "image_encoder": self.image_encoder_precision,
+        }.get(component)
+        if explicit is not None:
+            return PRECISIONS[explicit]
+        if self.torch_device.type == "cpu":
+            return torch.float32
+        return PRECISIONS[_GPU_DEFAULT_PRECISION.get(component, "fp32")]

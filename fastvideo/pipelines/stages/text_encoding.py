@@ -1,0 +1,90 @@
+"""Prompt -> text-encoder hidden states (and the negative prompt's, for guidance)."""
+
+from __future__ import annotations
+
+import html
+import re
+
+import torch
+
+from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
+from fastvideo.pipelines.stages.base import PipelineStage
+from fastvideo.utils.torch_utils import module_device
+
+try:
+    import ftfy
+except ImportError:  # optional, as in diffusers
+    ftfy = None
+
+
+def clean_prompt(text: str) -> str:
+    """The prompt normalisation Wan was trained with (html entities, mojibake, spaces)."""
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class TextEncodingStage(PipelineStage):
+    """Tokenise to a fixed length and keep the encoder's last hidden state."""
+
+    def __init__(self, text_encoder, tokenizer) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+
+    def max_length(self, batch: ForwardBatch) -> int:
+        return min(self.tokenizer.model_max_length, batch.max_sequence_length)
+
+    def prepare_prompt(self, prompt: str) -> str:
+        return prompt
+
+    def finish_embeddings(
+        self, hidden: torch.Tensor, mask: torch.Tensor, max_length: int
+    ) -> torch.Tensor:
+        return hidden
+
+    def encode(self, prompts: list[str], batch: ForwardBatch) -> torch.Tensor:
+        max_length = self.max_length(batch)
+        tokens = self.tokenizer(
+            [self.prepare_prompt(p) for p in prompts],
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        device = module_device(self.text_encoder)
+        mask = tokens.attention_mask.to(device)
+        hidden = self.text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
+        return self.finish_embeddings(hidden, mask, max_length)
+
+    def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
+        prompts = batch.prompt if isinstance(batch.prompt, list) else [batch.prompt]
+        batch.prompt_embeds = self.encode(prompts, batch)
+        if batch.do_classifier_free_guidance:
+            negative = batch.negative_prompt or ""
+            negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
+            batch.negative_prompt_embeds = self.encode(negatives, batch)
+        return batch
+
+
+class CLIPTextEncodingStage(TextEncodingStage):
+    """CLIP-style text encoding: every position of the padded sequence is kept."""
+
+
+class T5TextEncodingStage(TextEncodingStage):
+    """T5/UMT5 encoding as Wan uses it: cleaned prompt, and the positions after each
+    prompt's last token zeroed, so padding carries no signal into cross-attention."""
+
+    def prepare_prompt(self, prompt: str) -> str:
+        return clean_prompt(prompt)
+
+    def finish_embeddings(
+        self, hidden: torch.Tensor, mask: torch.Tensor, max_length: int
+    ) -> torch.Tensor:
+        lengths = mask.gt(0).sum(dim=1)
+        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None]
+        return hidden * keep[..., None].to(hidden.dtype)

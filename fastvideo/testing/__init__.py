@@ -1,0 +1,1 @@
+"""Helpers that build tiny random-weight models, for tests, demos and benchmarks."""
