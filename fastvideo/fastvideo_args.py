@@ -58,11 +58,17 @@ class FastVideoArgs:
         return args
 
     def validate(self) -> None:
-        for name in ("dit_precision", "vae_precision", "text_encoder_precision",
-                     "image_encoder_precision"):
+        for name in (
+            "dit_precision",
+            "vae_precision",
+            "text_encoder_precision",
+            "image_encoder_precision",
+        ):
             value = getattr(self, name)
             if value is not None and value not in PRECISIONS:
-                raise ValueError(f"{name}={value!r} is not a precision; choose from {list(PRECISIONS)}")
+                raise ValueError(
+                    f"{name}={value!r} is not a precision; choose from {list(PRECISIONS)}"
+                )
         for name in ("num_gpus", "sp_size", "tp_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -14,7 +14,9 @@ def init_logger(name: str) -> logging.Logger:
         root = logging.getLogger("fastvideo")
         if not root.handlers:
             handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+            handler.setFormatter(
+                logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s")
+            )
             root.addHandler(handler)
         root.setLevel(os.environ.get("FASTVIDEO_LOG_LEVEL", "WARNING").upper())
         root.propagate = False

@@ -42,7 +42,8 @@ def main() -> int:
         image = None
         if image_kind:
             ramp = np.linspace(0, 255, 128, dtype=np.uint8)
-            image = Image.fromarray(np.stack(np.meshgrid(ramp, ramp[::-1]) + [np.full((128, 128), 90, np.uint8)], -1))
+            red, green = np.meshgrid(ramp, ramp[::-1])
+            image = Image.fromarray(np.stack([red, green, np.full_like(red, 90)], -1))
         started = time.perf_counter()
         result = generator.generate_video(
             prompt,

@@ -46,12 +46,17 @@ def test_requested_backend_outside_the_layer_list_is_rejected(monkeypatch):
         forced_attention_backend("SLIDING_TILE_ATTN"),
         pytest.raises(ValueError, match="supports only"),
     ):
-        LocalAttention(num_heads=2, head_size=8, supported_attention_backends=(_Backend.TORCH_SDPA,))
+        LocalAttention(
+            num_heads=2, head_size=8, supported_attention_backends=(_Backend.TORCH_SDPA,)
+        )
 
 
 def test_sliding_tile_backend_asked_for_by_name_explains_it_cannot_run(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    with forced_attention_backend("SLIDING_TILE_ATTN"), pytest.raises(ValueError, match="no kernel"):
+    with (
+        forced_attention_backend("SLIDING_TILE_ATTN"),
+        pytest.raises(ValueError, match="no kernel"),
+    ):
         DistributedAttention(num_heads=2, head_size=8, supported_attention_backends=ALL)
 
 

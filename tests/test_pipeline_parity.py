@@ -33,8 +33,13 @@ def _test_image() -> Image.Image:
         (TinyWanConfig(), (32, 48), 9, 3, 5.0),
         # More heads and layers, the Euler scheduler, an odd latent grid, no guidance.
         (
-            TinyWanConfig(num_attention_heads=3, num_layers=3, attention_head_dim=12,
-                          scheduler="flow_match_euler", z_dim=8),
+            TinyWanConfig(
+                num_attention_heads=3,
+                num_layers=3,
+                attention_head_dim=12,
+                scheduler="flow_match_euler",
+                z_dim=8,
+            ),
             (48, 80),
             5,
             2,
@@ -48,7 +53,10 @@ def test_text_to_video_matches_diffusers(tmp_path, config, size, num_frames, ste
     folder = save_tiny_wan(tmp_path / "model", config, seed=3)
     height, width = size
     request = dict(
-        height=height, width=width, num_frames=num_frames, num_inference_steps=steps,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        num_inference_steps=steps,
         guidance_scale=guidance,
     )
     ours = VideoGenerator.from_pretrained(folder, device="cpu").generate_video(
@@ -72,8 +80,13 @@ def test_image_to_video_matches_diffusers(tiny_i2v):
         PROMPT, negative_prompt=NEGATIVE, image=image, seed=11, **request
     )
     theirs = _diffusers_frames(
-        WanImageToVideoPipeline, tiny_i2v, 11, image=image, prompt=PROMPT,
-        negative_prompt=NEGATIVE, **request,
+        WanImageToVideoPipeline,
+        tiny_i2v,
+        11,
+        image=image,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        **request,
     )
     assert ours.frames.shape == theirs.shape == (9, 32, 48, 3)
     assert theirs.std() > 1e-3

@@ -44,7 +44,8 @@ class LocalAttention(nn.Module):
         return self.impl.forward(query, key, value)
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_size={self.head_size}, backend={self.backend.get_enum().name}"
+        backend = self.backend.get_enum().name
+        return f"heads={self.num_heads}, head_size={self.head_size}, backend={backend}"
 
 
 class DistributedAttention(LocalAttention):

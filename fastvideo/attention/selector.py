@@ -69,8 +69,7 @@ def get_attn_backend(supported: tuple[_Backend, ...]) -> type[AttentionBackend]:
     if requested is not None:
         if requested not in supported:
             raise ValueError(
-                f"{source}={requested.name}: this layer supports only "
-                f"{[b.name for b in supported]}"
+                f"{source}={requested.name}: this layer supports only {[b.name for b in supported]}"
             )
         reason = _BACKENDS[requested].unavailable_reason()
         if reason is not None:

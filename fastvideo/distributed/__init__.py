@@ -11,9 +11,9 @@ from fastvideo.distributed.communication_op import (
 from fastvideo.distributed.parallel_state import (
     get_sp_rank,
     get_sp_world_size,
+    get_tp_group,
     get_tp_rank,
     get_tp_world_size,
-    get_tp_group,
     tensor_parallel_coordinates,
 )
 

@@ -24,9 +24,15 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=5.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--fps", type=int, default=16)
-    gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    gen.add_argument("--pipeline", dest="pipeline_class_name", default=None,
-                     help="pipeline class to use instead of the one model_index.json names")
+    gen.add_argument(
+        "--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)"
+    )
+    gen.add_argument(
+        "--pipeline",
+        dest="pipeline_class_name",
+        default=None,
+        help="pipeline class to use instead of the one model_index.json names",
+    )
     gen.add_argument("--attention-backend", default=None, help="e.g. TORCH_SDPA, FLASH_ATTN")
     for component in ("dit", "vae", "text-encoder", "image-encoder"):
         gen.add_argument(f"--{component}-precision", choices=list(PRECISIONS), default=None)

@@ -47,7 +47,11 @@ def _load_image(image: Any) -> Any:
         except OSError as err:
             raise ValueError(f"image={str(image)!r} is not a readable image ({err})") from None
     if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
-        data = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        data = (
+            image
+            if image.dtype == np.uint8
+            else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        )
         return Image.fromarray(data)
     raise ValueError(
         f"image must be a PIL image, a file path or an (H, W, 3) array, got {type(image).__name__}"

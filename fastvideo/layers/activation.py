@@ -55,5 +55,7 @@ def get_act_fn(name: str) -> nn.Module:
     """The activation a config names (``"gelu"``, ``"gelu-approximate"``, ``"silu"``, ...)."""
     key = name.lower()
     if key not in _ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; choose from {sorted(_ACTIVATIONS)}")
+        raise ValueError(
+            f"activation {name!r} is not supported; choose from {sorted(_ACTIVATIONS)}"
+        )
     return _ACTIVATIONS[key]()

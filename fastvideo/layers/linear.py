@@ -38,6 +38,20 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
         param.copy_(loaded)
 
 
+def _rank_slice(
+    loaded: torch.Tensor, dim: int, full: int, start: int, size: int, name: str
+) -> torch.Tensor:
+    """``loaded.narrow(dim, start, size)`` after checking that ``loaded`` has the full,
+    unsharded size ``full`` along ``dim``: a larger checkpoint tensor must not be silently
+    truncated, nor a smaller one fail with an indexing error."""
+    if loaded.ndim <= dim or loaded.shape[dim] != full:
+        raise ValueError(
+            f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, expected {full} "
+            f"along dim {dim}"
+        )
+    return loaded.narrow(dim, start, size)
+
+
 class LinearBase(nn.Module):
     def __init__(
         self,
@@ -127,10 +141,11 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         shard = param.shape[0]
+        name = self.prefix or type(self).__name__
         _copy_checked(
             param,
-            loaded_weight.narrow(0, self.tp_rank * shard, shard),
-            self.prefix or type(self).__name__,
+            _rank_slice(loaded_weight, 0, self.output_size, self.tp_rank * shard, shard, name),
+            name,
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -168,8 +183,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | None = None
     ) -> None:
+        name = self.prefix or type(self).__name__
         if shard_id is None:
             # A checkpoint that already stores the merged tensor: slice each part in turn.
+            _rank_slice(loaded_weight, 0, sum(self.output_sizes), 0, 0, name)
             offset = 0
             for index, size in enumerate(self.output_sizes):
                 self.weight_loader(param, loaded_weight.narrow(0, offset, size), index)
@@ -179,10 +196,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError(f"shard_id must be in [0, {len(self.output_sizes)}), got {shard_id}")
         shard = self.output_sizes[shard_id] // self.tp_size
         start = sum(self.output_sizes[:shard_id]) // self.tp_size
+        name = f"{name}[{shard_id}]"
         _copy_checked(
             param.data.narrow(0, start, shard),
-            loaded_weight.narrow(0, self.tp_rank * shard, shard),
-            f"{self.prefix or type(self).__name__}[{shard_id}]",
+            _rank_slice(
+                loaded_weight, 0, self.output_sizes[shard_id], self.tp_rank * shard, shard, name
+            ),
+            name,
         )
 
 
@@ -210,9 +230,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_heads = _divide(total_num_heads, tp_size, "total_num_heads")
         self.num_kv_heads = _divide(self.total_num_kv_heads, tp_size, "total_num_kv_heads")
         output_size = (self.total_num_heads + 2 * self.total_num_kv_heads) * head_size
-        super().__init__(
-            hidden_size, output_size, bias, False, skip_bias_add, params_dtype, prefix
-        )
+        super().__init__(hidden_size, output_size, bias, False, skip_bias_add, params_dtype, prefix)
 
     def _shard_sizes(self) -> dict[str, int]:
         return {
@@ -225,8 +243,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
     ) -> None:
         sizes = self._shard_sizes()
+        layer = self.prefix or type(self).__name__
         if shard_id is None:
             totals = {name: size * self.tp_size for name, size in sizes.items()}
+            _rank_slice(loaded_weight, 0, sum(totals.values()), 0, 0, layer)
             offset = 0
             for name in self.shard_ids:
                 self.weight_loader(param, loaded_weight.narrow(0, offset, totals[name]), name)
@@ -238,10 +258,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         start = 0
         for name in self.shard_ids[: self.shard_ids.index(shard_id)]:
             start += sizes[name]
+        name = f"{layer}[{shard_id}]"
         _copy_checked(
             param.data.narrow(0, start, shard),
-            loaded_weight.narrow(0, self.tp_rank * shard, shard),
-            f"{self.prefix or type(self).__name__}[{shard_id}]",
+            _rank_slice(
+                loaded_weight, 0, shard * self.tp_size, self.tp_rank * shard, shard, name
+            ),
+            name,
         )
 
 
@@ -271,7 +294,11 @@ class RowParallelLinear(LinearBase):
             _copy_checked(param, loaded_weight, name)
             return
         shard = param.shape[1]
-        _copy_checked(param, loaded_weight.narrow(1, self.tp_rank * shard, shard), name)
+        _copy_checked(
+            param,
+            _rank_slice(loaded_weight, 1, self.input_size, self.tp_rank * shard, shard, name),
+            name,
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.input_is_parallel and self.tp_size > 1:

@@ -57,10 +57,14 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        if loaded_weight.shape[1:] != param.shape[1:] or loaded_weight.shape[0] < self.num_embeddings:
+        if (
+            loaded_weight.shape[1:] != param.shape[1:]
+            or loaded_weight.shape[0] < self.num_embeddings
+        ):
             raise ValueError(
                 f"{self.prefix or 'VocabParallelEmbedding'}: checkpoint has shape "
-                f"{tuple(loaded_weight.shape)}, expected ({self.num_embeddings}, {self.embedding_dim})"
+                f"{tuple(loaded_weight.shape)}, expected "
+                f"({self.num_embeddings}, {self.embedding_dim})"
             )
         rows = self.vocab_end_index - self.vocab_start_index
         with torch.no_grad():

@@ -35,7 +35,9 @@ class ComposedPipelineBase(ABC):
         self._stages: list[PipelineStage] = []
         self._stage_names: list[str] = []
         self.modules: dict[str, Any] = (
-            dict(loaded_modules) if loaded_modules is not None else self.load_modules(fastvideo_args)
+            dict(loaded_modules)
+            if loaded_modules is not None
+            else self.load_modules(fastvideo_args)
         )
         self.initialize_pipeline(fastvideo_args)
         self.create_pipeline_stages(fastvideo_args)

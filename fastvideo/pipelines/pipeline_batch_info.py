@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+
 @dataclass(frozen=True)
 class StepProgress:
     """What a step callback is told after each denoising step."""

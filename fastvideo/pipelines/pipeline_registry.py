@@ -37,7 +37,10 @@ def _register(registry: dict[str, type], cls: type, source: str) -> None:
     if existing is not None and existing is not cls:
         logger.warning(
             "pipeline %s from %s ignored: %s.%s already has that name",
-            cls.__name__, source, existing.__module__, existing.__name__,
+            cls.__name__,
+            source,
+            existing.__module__,
+            existing.__name__,
         )
         return
     registry[cls.__name__] = cls
@@ -63,7 +66,7 @@ def _scan_entry_points(registry: dict[str, type]) -> None:
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = entry_point.load()
-        except Exception as err:  # noqa: BLE001 - one broken plugin must not hide the others
+        except Exception as err:
             logger.warning("pipeline entry point %s failed to load: %s", entry_point.value, err)
             continue
         for cls in _entry_classes(loaded):

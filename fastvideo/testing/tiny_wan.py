@@ -73,7 +73,9 @@ def _scheduler(kind: str):
 
     if kind == "unipc":
         return UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=3.0,
             num_train_timesteps=1000,
         )
     if kind == "flow_match_euler":
@@ -90,10 +92,16 @@ def build_tiny_wan_components(config: TinyWanConfig, seed: int = 0) -> dict:
     tokenizer = build_tokenizer()
     text_encoder = UMT5EncoderModel(
         UMT5Config(
-            vocab_size=len(tokenizer), d_model=config.text_dim, d_kv=8, d_ff=48,
-            num_layers=config.t5_layers, num_heads=config.t5_heads,
-            relative_attention_num_buckets=8, relative_attention_max_distance=32,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            d_model=config.text_dim,
+            d_kv=8,
+            d_ff=48,
+            num_layers=config.t5_layers,
+            num_heads=config.t5_heads,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     ).eval()
     vae = AutoencoderKLWan(
@@ -116,8 +124,12 @@ def build_tiny_wan_components(config: TinyWanConfig, seed: int = 0) -> dict:
         image_kwargs = {"image_dim": config.clip_hidden, "added_kv_proj_dim": inner}
         components["image_encoder"] = CLIPVisionModelWithProjection(
             CLIPVisionConfig(
-                hidden_size=config.clip_hidden, intermediate_size=48, projection_dim=16,
-                num_hidden_layers=3, num_attention_heads=4, image_size=config.clip_image_size,
+                hidden_size=config.clip_hidden,
+                intermediate_size=48,
+                projection_dim=16,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                image_size=config.clip_image_size,
                 patch_size=8,
             )
         ).eval()

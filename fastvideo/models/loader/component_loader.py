@@ -84,8 +84,14 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
-def _load_native(cls: type, folder: Path, component: str, dtype: torch.dtype,
-                 device: torch.device, args: FastVideoArgs) -> nn.Module:
+def _load_native(
+    cls: type,
+    folder: Path,
+    component: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    args: FastVideoArgs,
+) -> nn.Module:
     config = _read_config(folder, component)
     kwargs = _constructor_kwargs(cls, config, component)
     files = find_safetensors_files(folder, component)
@@ -97,8 +103,9 @@ def _load_native(cls: type, folder: Path, component: str, dtype: torch.dtype,
     return model.eval().requires_grad_(False)
 
 
-def _load_library_model(cls: type, folder: Path, component: str, dtype: torch.dtype,
-                        device: torch.device) -> nn.Module:
+def _load_library_model(
+    cls: type, folder: Path, component: str, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
     model, info = cls.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
     if problems:

@@ -28,7 +28,7 @@ def resolve_model_path(model_path: str | os.PathLike) -> Path:
 
     try:
         return Path(snapshot_download(text, local_files_only=True))
-    except Exception as cached_err:  # noqa: BLE001 - any miss falls through to a download
+    except Exception as cached_err:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
             raise ValueError(
                 f"model_path={text!r}: not a local folder and not in the Hugging Face cache "
@@ -36,7 +36,7 @@ def resolve_model_path(model_path: str | os.PathLike) -> Path:
             ) from None
         try:
             return Path(snapshot_download(text))
-        except Exception as err:  # noqa: BLE001 - network errors come in many types
+        except Exception as err:
             raise ValueError(
                 f"model_path={text!r}: not a local folder, not in the Hugging Face cache, and "
                 f"downloading it failed ({type(err).__name__}: {err})"

@@ -45,7 +45,9 @@ def find_safetensors_files(folder: Path, component: str) -> list[Path]:
     if not files:
         others = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth"})
         hint = f" (found {others}; convert them to safetensors)" if others else ""
-        raise WeightLoadingError(f"component '{component}': no .safetensors weights in {folder}{hint}")
+        raise WeightLoadingError(
+            f"component '{component}': no .safetensors weights in {folder}{hint}"
+        )
     return files
 
 
@@ -53,7 +55,7 @@ def iterate_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tens
     """Yield (name, tensor) one tensor at a time, so peak memory stays one tensor."""
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, f.get_tensor(name)
 
 
@@ -142,7 +144,9 @@ def load_weights_into_model(
     if missing:
         problems.append(f"missing keys (in the model, not in the checkpoint): {sorted(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys (in the checkpoint, not in the model): {sorted(unexpected)}")
+        problems.append(
+            f"unexpected keys (in the checkpoint, not in the model): {sorted(unexpected)}"
+        )
     if problems:
         raise WeightLoadingError(f"component '{component}': " + "; ".join(problems))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.pipelines.stages.base import PipelineStage

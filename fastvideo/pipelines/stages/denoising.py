@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from fastvideo.fastvideo_args import FastVideoArgs
-import time
-
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch, GenerationCancelled, StepProgress
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.utils.torch_utils import module_dtype
@@ -50,8 +50,12 @@ class DenoisingStage(PipelineStage):
                 noise_pred = noise_uncond + batch.guidance_scale * (noise_pred - noise_uncond)
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if batch.callback is not None:
-                progress = StepProgress(index + 1, num_steps, float(t), time.perf_counter() - started)
+                progress = StepProgress(
+                    index + 1, num_steps, float(t), time.perf_counter() - started
+                )
                 if batch.callback(progress):
-                    raise GenerationCancelled(f"stopped by the step callback after step {index + 1}")
+                    raise GenerationCancelled(
+                        f"stopped by the step callback after step {index + 1}"
+                    )
         batch.latents = latents
         return batch

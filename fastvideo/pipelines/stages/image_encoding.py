@@ -21,6 +21,8 @@ class CLIPImageEncodingStage(PipelineStage):
             raise ValueError("image is required for CLIP image encoding")
         pixels = self.image_processor(images=batch.image, return_tensors="pt").pixel_values
         pixels = pixels.to(module_device(self.image_encoder), module_dtype(self.image_encoder))
-        hidden = self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        hidden = self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[
+            -2
+        ]
         batch.image_embeds = hidden.repeat(batch.batch_size, 1, 1)
         return batch

@@ -49,16 +49,19 @@ class InputValidationStage(PipelineStage):
             _positive_int(name, getattr(batch, name))
         for name in ("height", "width"):
             value = getattr(batch, name)
-            if value % self.spatial_multiple:
+            multiple = self.spatial_multiple
+            if value % multiple:
+                nearest = max(value // multiple * multiple, multiple)
                 raise ValueError(
-                    f"{name}={value} must be a multiple of {self.spatial_multiple} for this model "
-                    f"(e.g. {value // self.spatial_multiple * self.spatial_multiple or self.spatial_multiple})"
+                    f"{name}={value} must be a multiple of {multiple} for this model "
+                    f"(e.g. {nearest} or {nearest + multiple})"
                 )
         if (batch.num_frames - 1) % self.temporal_factor:
-            lower = (batch.num_frames - 1) // self.temporal_factor * self.temporal_factor + 1
+            factor = self.temporal_factor
+            lower = (batch.num_frames - 1) // factor * factor + 1
             raise ValueError(
-                f"num_frames={batch.num_frames} is not allowed: the VAE takes "
-                f"{self.temporal_factor}*k+1 frames (e.g. {lower} or {lower + self.temporal_factor})"
+                f"num_frames={batch.num_frames} is not allowed: the VAE takes {factor}*k+1 "
+                f"frames (e.g. {lower} or {lower + factor})"
             )
         if not isinstance(batch.guidance_scale, int | float) or batch.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a number >= 0, got {batch.guidance_scale!r}")

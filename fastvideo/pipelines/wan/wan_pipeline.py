@@ -18,14 +18,22 @@ from fastvideo.pipelines.stages import (
 def check_wan21_model_index(index: dict, pipeline: str) -> None:
     """Refuse Wan2.2 folders (two experts, expanded timesteps): this port is Wan2.1."""
     if index.get("transformer_2") not in (None, [None, None]):
-        raise ValueError(f"{pipeline}: model_index.json has 'transformer_2' (Wan2.2); not supported")
+        raise ValueError(
+            f"{pipeline}: model_index.json has 'transformer_2' (Wan2.2); not supported"
+        )
     if index.get("boundary_ratio") is not None:
-        raise ValueError(f"{pipeline}: model_index.json sets 'boundary_ratio' (Wan2.2); not supported")
+        raise ValueError(
+            f"{pipeline}: model_index.json sets 'boundary_ratio' (Wan2.2); not supported"
+        )
     if index.get("expand_timesteps"):
-        raise ValueError(f"{pipeline}: model_index.json sets 'expand_timesteps' (Wan2.2); not supported")
+        raise ValueError(
+            f"{pipeline}: model_index.json sets 'expand_timesteps' (Wan2.2); not supported"
+        )
 
 
-def wan_input_validation(pipeline: ComposedPipelineBase, requires_image: bool) -> InputValidationStage:
+def wan_input_validation(
+    pipeline: ComposedPipelineBase, requires_image: bool
+) -> InputValidationStage:
     vae = pipeline.get_module("vae")
     patch = pipeline.get_module("transformer").config.patch_size
     return InputValidationStage(
@@ -55,7 +63,9 @@ class WanPipeline(ComposedPipelineBase):
         )
         self.add_stage(
             "latent_preparation_stage",
-            LatentPreparationStage(scheduler=self.get_module("scheduler"), vae=self.get_module("vae")),
+            LatentPreparationStage(
+                scheduler=self.get_module("scheduler"), vae=self.get_module("vae")
+            ),
         )
         self.add_stage(
             "denoising_stage",

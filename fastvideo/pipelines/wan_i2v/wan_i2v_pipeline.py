@@ -54,7 +54,9 @@ class WanImageToVideoPipeline(ComposedPipelineBase):
         )
         self.add_stage(
             "latent_preparation_stage",
-            LatentPreparationStage(scheduler=self.get_module("scheduler"), vae=self.get_module("vae")),
+            LatentPreparationStage(
+                scheduler=self.get_module("scheduler"), vae=self.get_module("vae")
+            ),
         )
         self.add_stage("conditioning_stage", ConditioningStage(vae=self.get_module("vae")))
         self.add_stage(
