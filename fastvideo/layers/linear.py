@@ -261,9 +261,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         name = f"{layer}[{shard_id}]"
         _copy_checked(
             param.data.narrow(0, start, shard),
-            _rank_slice(
-                loaded_weight, 0, shard * self.tp_size, self.tp_rank * shard, shard, name
-            ),
+            _rank_slice(loaded_weight, 0, shard * self.tp_size, self.tp_rank * shard, shard, name),
             name,
         )
 

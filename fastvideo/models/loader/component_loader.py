@@ -96,8 +96,19 @@ def _load_native(
     kwargs = _constructor_kwargs(cls, config, component)
     files = find_safetensors_files(folder, component)
     # Build directly on the target device in the target dtype: no second copy of the weights.
-    with forced_attention_backend(args.attention_backend), _default_dtype(dtype), device:
-        model = cls(**kwargs)
+    try:
+        with forced_attention_backend(args.attention_backend), _default_dtype(dtype), device:
+            model = cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        # A ``**config`` constructor rejects an unknown config.json key with a TypeError; any
+        # other TypeError is a bug, not bad input, and propagates as is.
+        if isinstance(err, TypeError) and "unexpected keyword argument" not in str(err):
+            raise
+        # Name the component: the model's own message knows only its class.
+        raise ValueError(
+            f"component '{component}': cannot build {cls.__name__} from "
+            f"{folder / 'config.json'}: {err}"
+        ) from err
     keep_modules_in_fp32(model)
     load_weights_into_model(model, iterate_safetensors(files), component)
     return model.eval().requires_grad_(False)

@@ -1,0 +1,159 @@
+"""DiT forward and full denoising step: ours vs diffusers, same weights, same GPU, same run.
+
+Random weights (speed does not depend on their values), bf16, the shapes of Wan2.1:
+  1.3b: 81 frames at 480x832 -> latent 16x21x60x104 (32760 tokens), 30 layers, dim 1536
+  14b:  81 frames at 720x1280 -> latent 16x21x90x160 (75600 tokens), 40 layers, dim 5120
+
+Usage: python bench/dit_step.py --shape 1.3b [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    "1.3b": dict(
+        config=dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+        latent=(21, 60, 104),
+    ),
+    "14b": dict(
+        config=dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+        latent=(21, 90, 160),
+    ),
+}
+COMMON = dict(in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2))
+
+
+def _keep_fp32(model: torch.nn.Module, names) -> None:
+    for name, param in model.named_parameters():
+        if any(part in names for part in name.split(".")):
+            param.data = param.data.float()
+
+
+def build_models(shape: str):
+    from diffusers import WanTransformer3DModel as DiffusersWan
+
+    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+    from fastvideo.models.loader.weight_utils import load_weights_into_model
+
+    config = {**COMMON, **SHAPES[shape]["config"]}
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        reference = DiffusersWan(**config).to(torch.bfloat16).eval()
+    # What diffusers' from_pretrained(torch_dtype=bf16) does.
+    _keep_fp32(reference, reference._keep_in_fp32_modules)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            ours = WanTransformer3DModel(**config).eval()
+    finally:
+        torch.set_default_dtype(saved)
+    _keep_fp32(ours, ours._keep_in_fp32_modules)
+    load_weights_into_model(ours, reference.state_dict().items(), component="transformer")
+    return reference.requires_grad_(False), ours.requires_grad_(False)
+
+
+def time_call(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds over ``repeats`` calls after ``warmup``, and peak GiB allocated."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.3b")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    ns = parser.parse_args()
+
+    from diffusers import UniPCMultistepScheduler
+
+    reference, ours = build_models(ns.shape)
+    frames, height, width = SHAPES[ns.shape]["latent"]
+    gen = torch.Generator("cuda").manual_seed(0)
+    latents = torch.randn(1, 16, frames, height, width, device="cuda", generator=gen)
+    text = torch.randn(1, 512, 4096, device="cuda", generator=gen).bfloat16()
+    negative = torch.randn(1, 512, 4096, device="cuda", generator=gen).bfloat16()
+    timestep = torch.tensor([999.0], device="cuda")
+
+    def forward(model, is_ours):
+        def run():
+            with torch.inference_mode():
+                x = latents.bfloat16()
+                if is_ours:
+                    return model(x, timestep, text)
+                return model(x, timestep, text, return_dict=False)[0]
+
+        return run
+
+    def full_step(model, is_ours):
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        )
+        scheduler.set_timesteps(50, device="cuda")
+
+        def run():
+            with torch.inference_mode():
+                x = latents.bfloat16()
+                t = scheduler.timesteps[0].expand(1)
+                if is_ours:
+                    cond, uncond = model(x, t, text), model(x, t, negative)
+                else:
+                    cond = model(x, t, text, return_dict=False)[0]
+                    uncond = model(x, t, negative, return_dict=False)[0]
+                pred = uncond + 5.0 * (cond - uncond)
+                scheduler._step_index = None  # every call is "the first step" again
+                return scheduler.step(pred, scheduler.timesteps[0], latents, return_dict=False)[0]
+
+        return run
+
+    with torch.inference_mode():
+        diff = (forward(ours, True)().float() - forward(reference, False)().float()).abs().max()
+    results = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shape": ns.shape,
+        "latent": [16, frames, height, width],
+        "tokens": frames * height * width // 4,
+        "max_abs_diff_vs_diffusers": diff.item(),
+    }
+    for label, model, is_ours in (("diffusers", reference, False), ("ours", ours, True)):
+        seconds, peak = time_call(forward(model, is_ours), ns.repeats)
+        results[f"{label}_forward_s"] = seconds
+        results[f"{label}_forward_peak_gib"] = peak
+        seconds, peak = time_call(full_step(model, is_ours), ns.repeats)
+        results[f"{label}_cfg_step_s"] = seconds
+        results[f"{label}_cfg_step_peak_gib"] = peak
+    print(json.dumps(results, indent=2))
+    print(
+        f"\n{results['gpu']}, torch {results['torch']}, Wan2.1-{ns.shape} shape "
+        f"{results['latent']}:\n"
+        f"| system | s / forward | s / CFG step | peak GiB |\n| --- | --- | --- | --- |\n"
+        + "".join(
+            f"| {label} eager | {results[f'{label}_forward_s']:.3f} | "
+            f"{results[f'{label}_cfg_step_s']:.3f} | {results[f'{label}_forward_peak_gib']:.1f} |\n"
+            for label in ("diffusers", "ours")
+        )
+    )
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
