@@ -1,4 +1,4 @@
-"""Normalisation layers. Statistics are computed in float32 whatever the input dtype."""
+"""Normalisation layers; statistics are accumulated in float32 whatever the input dtype."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension, computed in float32."""
+    """Root-mean-square norm over the last dimension.
+
+    Uses ``F.rms_norm``: one fused kernel that accumulates in float32 even for bf16 inputs
+    (an unfused float32 version costs ~7 passes over the activations), and the same call
+    ``torch.nn.RMSNorm`` makes, so results match models that use it bit for bit.
+    """
 
     def __init__(
         self,
@@ -26,13 +31,10 @@ class RMSNorm(nn.Module):
             self.register_parameter("weight", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        orig_dtype = x.dtype
-        x32 = x.float()
-        variance = x32.pow(2).mean(dim=-1, keepdim=True)
-        x32 = x32 * torch.rsqrt(variance + self.variance_epsilon)
-        if self.weight is not None:
-            x32 = x32 * self.weight.float()
-        return x32.to(orig_dtype)
+        weight = self.weight
+        if weight is not None and weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        return F.rms_norm(x, (self.hidden_size,), weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.variance_epsilon}"
