@@ -1,0 +1,67 @@
+"""Every setting of the service, read from the environment (prefix ``FVB_``) in one place.
+
+The API, the scheduler, the workers, ``fvb`` and docker-compose all configure through this
+object; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    # Frozen: one immutable, hashable object per process (cached clients key on it).
+    model_config = SettingsConfigDict(env_prefix="FVB_", env_file=None, extra="ignore", frozen=True)
+
+    # Where state lives.
+    database_url: str = "sqlite:///.fvb/fvb.db"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint_url: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "fvb-videos"
+    #: TOML file naming the models this deployment serves (see scheduler/models_config.py).
+    models_config: Path = Path("models.toml")
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    #: Without auth every request is tenant "default"; refused on a non-loopback address.
+    auth_enabled: bool = True
+    #: Queued jobs above which new submissions get 429 with Retry-After.
+    max_queued_jobs: int = 10_000
+    presign_expiry_s: int = 3600
+
+    # Job life cycle.
+    job_max_attempts: int = 3
+    heartbeat_interval_s: float = 2.0
+    #: A running job whose worker has not heart-beaten for this long is requeued.
+    heartbeat_timeout_s: float = 60.0
+    reaper_interval_s: float = 5.0
+    #: A queued job not claimed for this long gets its message sent again.
+    redispatch_after_s: float = 120.0
+    #: Redis broker: an unacknowledged message is redelivered after this; longer than any job.
+    visibility_timeout_s: int = 6 * 3600
+    progress_min_interval_s: float = 0.5
+
+    # Storage behaviour.
+    multipart_threshold_bytes: int = 8 * 1024 * 1024
+    storage_retry_attempts: int = 6
+    storage_retry_base_s: float = 0.5
+    storage_retry_max_s: float = 8.0
+
+    # Worker.
+    worker_pool: str = "default"
+    worker_device: str | None = None
+    worker_gpus: str | None = None
+    pipeline_cache_size: int = Field(default=2, ge=1)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

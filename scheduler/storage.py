@@ -1,0 +1,144 @@
+"""Video storage on any S3-compatible endpoint (SeaweedFS locally, MinIO or AWS in production).
+
+Keys: ``videos/<job_id>/attempt-<n>.mp4`` and a JSON sidecar ``.../attempt-<n>.json`` with
+the job's parameters. One key per attempt, so a stale attempt never overwrites the winner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from scheduler.settings import Settings
+
+
+class StorageUnavailable(RuntimeError):
+    """The store could not be reached or refused the request; worth retrying later."""
+
+
+def video_key(job_id: str, attempt: int) -> str:
+    return f"videos/{job_id}/attempt-{attempt}.mp4"
+
+
+def sidecar_key(job_id: str, attempt: int) -> str:
+    return f"videos/{job_id}/attempt-{attempt}.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+class VideoStore:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bucket = settings.s3_bucket
+
+    @cached_property
+    def client(self):
+        return boto3.client(
+            "s3",
+            endpoint_url=self.settings.s3_endpoint_url,
+            aws_access_key_id=self.settings.s3_access_key,
+            aws_secret_access_key=self.settings.s3_secret_key,
+            region_name=self.settings.s3_region,
+            # Our own retry policy (worker) decides how long to wait for a store that is down.
+            config=Config(
+                retries={"max_attempts": 1, "mode": "standard"},
+                connect_timeout=3,
+                read_timeout=30,
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (BotoCoreError, ClientError) as err:
+            raise StorageUnavailable(f"storage {what} failed: {err}") from err
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self._call("create_bucket", self.client.create_bucket, Bucket=self.bucket)
+        except BotoCoreError as err:
+            raise StorageUnavailable(f"storage head_bucket failed: {err}") from err
+
+    def upload_video(self, path: Path, key: str, sha256: str) -> StoredObject:
+        """Upload with multipart above the configured threshold."""
+        transfer = TransferConfig(
+            multipart_threshold=self.settings.multipart_threshold_bytes,
+            multipart_chunksize=max(self.settings.multipart_threshold_bytes, 5 * 1024 * 1024),
+        )
+        self._call(
+            "upload",
+            self.client.upload_file,
+            str(path),
+            self.bucket,
+            key,
+            ExtraArgs={"ContentType": "video/mp4", "Metadata": {"sha256": sha256}},
+            Config=transfer,
+        )
+        return StoredObject(key=key, size=path.stat().st_size, sha256=sha256)
+
+    def put_json(self, key: str, document: dict[str, Any]) -> None:
+        body = json.dumps(document, indent=2, sort_keys=True, default=str).encode()
+        self._call(
+            "put_object",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=body,
+            ContentType="application/json",
+        )
+
+    def delete(self, *keys: str) -> None:
+        for key in keys:
+            self._call("delete_object", self.client.delete_object, Bucket=self.bucket, Key=key)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        try:
+            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        except (BotoCoreError, ClientError) as err:
+            raise StorageUnavailable(f"storage list failed: {err}") from err
+
+    def stream(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        response = self._call("get_object", self.client.get_object, Bucket=self.bucket, Key=key)
+        yield from response["Body"].iter_chunks(chunk_size)
+
+    def presigned_get_url(self, key: str) -> str:
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=self.settings.presign_expiry_s,
+        )
+
+    def ping(self) -> None:
+        self._call("head_bucket", self.client.head_bucket, Bucket=self.bucket)
