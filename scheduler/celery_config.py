@@ -25,7 +25,13 @@ def make_celery(settings: Settings, name: str = "fvb") -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # A broker that accepts connections but never answers must not hang a request
+            # or the reaper forever; 10 s stays above kombu's 1 s BRPOP poll.
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+        },
         broker_connection_retry_on_startup=True,
         task_default_queue=queue_for_pool(settings.worker_pool),
         task_serializer="json",

@@ -1,0 +1,1 @@
+"""The HTTP API (OpenAI Videos compatible). See README.md in this folder."""

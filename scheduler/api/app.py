@@ -1,0 +1,78 @@
+"""The API application: ``create_app(settings)``.
+
+Run it with ``uvicorn --factory scheduler.api.app:create_app`` (settings from ``FVB_*``).
+Start-up reads the models config once (a missing or broken one is an error here, not at the
+first request) and creates the bucket if storage is up; if it is down the app still starts
+and ``/readyz`` says so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+
+from fastapi import FastAPI
+
+from scheduler.api.context import ApiContext
+from scheduler.api.errors import install_error_handlers
+from scheduler.api.metrics import Metrics, MetricsMiddleware
+from scheduler.api.routes import health, models, videos
+from scheduler.models_config import load_models_config
+from scheduler.settings import Settings, get_settings
+from scheduler.storage import VideoStore
+
+log = logging.getLogger(__name__)
+
+
+class ConfigurationError(RuntimeError):
+    """The settings do not describe an API that may start."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _load_models(settings: Settings):
+    try:
+        return load_models_config(settings.models_config)
+    except (ValueError, OSError) as err:
+        raise ConfigurationError(f"cannot start the API: {err}") from err
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    if not settings.auth_enabled and not is_loopback(settings.api_host):
+        raise ConfigurationError(
+            f"auth is disabled (FVB_AUTH_ENABLED=false) but the API would listen on "
+            f"{settings.api_host!r}: without auth it may only listen on a loopback address "
+            "(127.0.0.1, ::1, localhost)"
+        )
+    served = _load_models(settings)
+    context = ApiContext(
+        settings=settings,
+        models=served,
+        store=VideoStore(settings),
+        models_loaded_at=int(settings.models_config.stat().st_mtime or time.time()),
+    )
+    context.try_ensure_bucket()  # storage may be down now; /readyz tells, requests retry
+
+    app = FastAPI(
+        title="FastVideo Batch",
+        summary="OpenAI Videos compatible API of the FastVideo batch rendering service",
+        version="0.1.0",
+    )
+    app.state.context = context
+    app.state.metrics = Metrics(context)
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.include_router(videos.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    log.info("API ready to serve %d model(s): %s", len(served), ", ".join(sorted(served)))
+    return app

@@ -1,0 +1,198 @@
+"""The API's response objects (OpenAI Videos shapes plus our extensions).
+
+Kept apart from the database models: a :class:`~scheduler.db.models.Job` becomes a
+:class:`VideoObject` in :meth:`VideoObject.from_job`, the one place that maps job states to
+API states (contract: ``queued | in_progress | completed | failed``, cancelled shows as
+failed with ``error.code = "cancelled"``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from scheduler.db.models import Job, JobStatus
+from scheduler.models_config import ServedModel
+
+ApiStatus = Literal["queued", "in_progress", "completed", "failed"]
+
+API_STATUS: dict[str, ApiStatus] = {
+    JobStatus.QUEUED: "queued",
+    JobStatus.RUNNING: "in_progress",
+    JobStatus.SUCCEEDED: "completed",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "failed",
+}
+
+#: API status -> the job states it covers (for the list filter).
+JOB_STATUSES: dict[str, tuple[str, ...]] = {
+    "queued": (JobStatus.QUEUED,),
+    "in_progress": (JobStatus.RUNNING,),
+    "completed": (JobStatus.SUCCEEDED,),
+    "failed": (JobStatus.FAILED, JobStatus.CANCELLED),
+}
+
+
+def unix(moment: datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment is not None else None
+
+
+def _size(params: dict[str, Any]) -> str:
+    width, height = params.get("width"), params.get("height")
+    return f"{width}x{height}" if width and height else ""
+
+
+def _seconds(params: dict[str, Any]) -> str:
+    if params.get("seconds") is not None:
+        return str(params["seconds"])
+    frames, fps = params.get("num_frames"), params.get("fps")
+    if frames and fps:  # a producer that did not record the requested duration
+        return f"{frames / fps:.3f}".rstrip("0").rstrip(".")
+    return ""
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoOutput(BaseModel):
+    uri: str
+    bytes: int | None
+    sha256: str | None
+
+
+class VideoObject(BaseModel):
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: ApiStatus
+    progress: int
+    created_at: int
+    completed_at: int | None
+    expires_at: int | None
+    prompt: str | None
+    size: str
+    seconds: str
+    error: VideoError | None
+    remixed_from_video_id: str | None = None
+    # Extensions.
+    num_frames: int | None = None
+    fps: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    priority: int = 0
+    metadata: dict[str, str] | None = None
+    batch_id: str | None = None
+    cancel_requested: bool = False
+    output: VideoOutput | None = None
+
+    @classmethod
+    def from_job(cls, job: Job, bucket: str) -> VideoObject:
+        params = job.params or {}
+        final = job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        error = None
+        # A queued job may carry the error of a failed earlier attempt; only a final
+        # failure is the video's error.
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            default_code = "cancelled" if job.status == JobStatus.CANCELLED else "failed"
+            error = VideoError(
+                code=job.error_code or default_code,
+                message=job.error_message or default_code,
+            )
+        output = None
+        if job.status == JobStatus.SUCCEEDED and job.output_key:
+            output = VideoOutput(
+                uri=f"s3://{bucket}/{job.output_key}",
+                bytes=job.output_bytes,
+                sha256=job.output_sha256,
+            )
+        return cls(
+            id=job.id,
+            model=job.model,
+            status=API_STATUS[job.status],
+            progress=max(0, min(100, int(job.progress or 0))),
+            created_at=unix(job.created_at) or 0,
+            completed_at=unix(job.finished_at) if final else None,
+            expires_at=None,
+            prompt=params.get("prompt"),
+            size=_size(params),
+            seconds=_seconds(params),
+            error=error,
+            num_frames=params.get("num_frames"),
+            fps=params.get("fps"),
+            num_inference_steps=params.get("num_inference_steps"),
+            guidance_scale=params.get("guidance_scale"),
+            seed=params.get("seed"),
+            priority=job.priority,
+            metadata=params.get("metadata") or None,
+            batch_id=job.batch_id,
+            cancel_requested=bool(job.cancel_requested),
+            output=output,
+        )
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fastvideo-batch"
+    # Extensions.
+    pipeline: str
+    pool: str
+    queue: str
+    gpus: int
+    image_to_video: bool
+    default_size: str
+    default_fps: int
+    max_frames: int
+    max_steps: int
+    max_pixels: int
+    spatial_multiple: int
+    temporal_factor: int
+
+    @classmethod
+    def from_served(cls, model: ServedModel, created: int) -> ModelObject:
+        return cls(
+            id=model.name,
+            created=created,
+            pipeline=model.pipeline_class,
+            pool=model.pool,
+            queue=model.queue,
+            gpus=model.gpus,
+            image_to_video=model.image_to_video,
+            default_size=model.default_size,
+            default_fps=model.default_fps,
+            max_frames=model.max_frames,
+            max_steps=model.max_steps,
+            max_pixels=model.max_pixels,
+            spatial_multiple=model.spatial_multiple,
+            temporal_factor=model.temporal_factor,
+        )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, Any] | None = None
