@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import install_error_handlers
 from scheduler.api.metrics import Metrics, MetricsMiddleware
-from scheduler.api.routes import health, models, videos
+from scheduler.api.routes import dashboard, health, models, videos
 from scheduler.models_config import load_models_config
 from scheduler.settings import Settings, get_settings
 from scheduler.storage import VideoStore
@@ -74,5 +74,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(videos.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
     log.info("API ready to serve %d model(s): %s", len(served), ", ".join(sorted(served)))
     return app

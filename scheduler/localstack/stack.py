@@ -125,7 +125,7 @@ class LocalStack:
         return StackInfo(
             api_url=f"{api_url}/v1",
             dev_key=dev_key,
-            dashboard_url=f"{api_url}/dashboard",
+            dashboard_url=f"{api_url}/dashboard#key={dev_key}",
             env=env,
             data_dir=self.data_dir,
             models_config=models_config,

@@ -1,0 +1,360 @@
+"""What ``GET /dashboard/data`` shows one tenant: its jobs by status, its throughput and run
+times, the workers running its jobs, its latest jobs; and, for every GPU pool, how many jobs
+wait and run in total (numbers only: nothing else about other tenants).
+
+Seven queries in one session, each an aggregate or a bounded select; nothing per row. Counts
+and the table cover the videos the API still lists (deleted ones excluded); throughput and
+run times cover work finished, deleted since or not, so a client that deletes each video
+after downloading it still sees its rate. Percentiles are taken here rather than in SQL
+(SQLite has none) from the last hour's run times: one row of two timestamps per job.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel
+from sqlalchemy import case, distinct, func, select
+from sqlalchemy.orm import Session
+
+from scheduler.api.context import ApiContext
+from scheduler.api.errors import ApiError
+from scheduler.api.schemas import API_STATUS, JOB_STATUSES, ApiStatus, unix
+from scheduler.db.models import Job, JobStatus, utcnow
+from scheduler.db.session import session_scope
+
+#: Windows (minutes) over which completed jobs per minute are reported.
+THROUGHPUT_WINDOWS_MIN = (10, 60)
+#: Window (minutes) of the succeeded jobs whose run times give the median and p95.
+RUN_TIME_WINDOW_MIN = 60
+LATEST_JOBS = 50
+#: The table's filter: the API statuses (``failed`` includes cancelled, as in the API), and
+#: ``cancelled`` alone.
+STATUS_FILTERS: dict[str, tuple[str, ...]] = {
+    **JOB_STATUSES,
+    "cancelled": (JobStatus.CANCELLED,),
+}
+UNKNOWN_POOL = "unknown"
+
+
+class StatusCounts(BaseModel):
+    """The tenant's jobs by API status; ``failed`` includes the ``cancelled`` ones."""
+
+    queued: int = 0
+    in_progress: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    total: int = 0
+
+
+class PoolDepth(BaseModel):
+    """Jobs of every tenant waiting for and running on one GPU pool, and the tenant's share."""
+
+    pool: str
+    queue: str
+    queued: int = 0
+    running: int = 0
+    yours_queued: int = 0
+    yours_running: int = 0
+
+
+class Throughput(BaseModel):
+    window_minutes: int
+    completed: int
+    per_minute: float
+
+
+class RunTime(BaseModel):
+    """Claim to success of the succeeding attempt (queue wait excluded), in seconds."""
+
+    window_minutes: int
+    samples: int
+    median_s: float | None
+    p95_s: float | None
+
+
+class WorkerJob(BaseModel):
+    id: str
+    model: str
+    progress: int
+    attempt: int
+    started_at: int | None
+    heartbeat_at: int
+    cancel_requested: bool
+
+
+class Worker(BaseModel):
+    worker_id: str
+    heartbeat_at: int
+    #: The tenant's running jobs this worker heart-beats for, newest heartbeat first.
+    jobs: list[WorkerJob]
+
+
+class JobRow(BaseModel):
+    id: str
+    model: str
+    #: The API status; ``state`` tells a cancelled job from a failed one.
+    status: ApiStatus
+    state: str
+    progress: int
+    attempt: int
+    max_attempts: int
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+    heartbeat_at: int | None
+    #: Run time of the current attempt: finished (or, while running, now) minus started.
+    duration_s: float | None
+    error_code: str | None
+    cancel_requested: bool
+    worker_id: str | None
+
+
+class DashboardData(BaseModel):
+    tenant: str
+    generated_at: int
+    heartbeat_timeout_s: float
+    counts: StatusCounts
+    pools: list[PoolDepth]
+    throughput: list[Throughput]
+    run_time: RunTime
+    workers: list[Worker]
+    #: Distinct workers of every tenant with a heartbeat in the last heartbeat_timeout_s.
+    live_workers_all_tenants: int
+    status_filter: str | None
+    jobs: list[JobRow]
+
+
+def parse_status_filter(value: str | None) -> str | None:
+    if not value:
+        return None
+    if value not in STATUS_FILTERS:
+        raise ApiError.invalid(
+            "status", f"unknown status {value!r}; use one of {sorted(STATUS_FILTERS)}"
+        )
+    return value
+
+
+def percentile(ordered: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default) of sorted values."""
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+def _counts(session: Session, tenant: str) -> StatusCounts:
+    rows = session.execute(
+        select(Job.status, func.count())
+        .where(Job.tenant == tenant, Job.deleted_at.is_(None))
+        .group_by(Job.status)
+    ).all()
+    counts = StatusCounts()
+    for status, count in rows:
+        api_status = API_STATUS.get(status)
+        if api_status is not None:
+            setattr(counts, api_status, getattr(counts, api_status) + count)
+        if status == JobStatus.CANCELLED:
+            counts.cancelled += count
+        counts.total += count
+    return counts
+
+
+def _pools(session: Session, context: ApiContext, tenant: str) -> list[PoolDepth]:
+    yours = func.sum(case((Job.tenant == tenant, 1), else_=0))
+    rows = session.execute(
+        select(Job.model, Job.status, func.count(), yours)
+        .where(Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)), Job.deleted_at.is_(None))
+        .group_by(Job.model, Job.status)
+    ).all()
+    pools = {
+        served.pool: PoolDepth(pool=served.pool, queue=served.queue)
+        for served in context.models.values()
+    }
+    for model, status, count, mine in rows:
+        served = context.models.get(model)
+        name = served.pool if served else UNKNOWN_POOL
+        pool = pools.setdefault(name, PoolDepth(pool=name, queue=f"gpu.{name}"))
+        if status == JobStatus.QUEUED:
+            pool.queued += count
+            pool.yours_queued += int(mine or 0)
+        else:
+            pool.running += count
+            pool.yours_running += int(mine or 0)
+    return [pools[name] for name in sorted(pools)]
+
+
+def _throughput(session: Session, tenant: str, now: datetime) -> list[Throughput]:
+    windows = {
+        minutes: func.sum(case((Job.finished_at >= now - timedelta(minutes=minutes), 1), else_=0))
+        for minutes in THROUGHPUT_WINDOWS_MIN
+    }
+    row = session.execute(
+        select(*windows.values()).where(
+            Job.tenant == tenant,
+            Job.status == JobStatus.SUCCEEDED,
+            Job.finished_at >= now - timedelta(minutes=max(THROUGHPUT_WINDOWS_MIN)),
+        )
+    ).one()
+    return [
+        Throughput(
+            window_minutes=minutes,
+            completed=int(done or 0),
+            per_minute=round(int(done or 0) / minutes, 3),
+        )
+        for minutes, done in zip(THROUGHPUT_WINDOWS_MIN, row, strict=True)
+    ]
+
+
+def _run_time(session: Session, tenant: str, now: datetime) -> RunTime:
+    rows = session.execute(
+        select(Job.started_at, Job.finished_at).where(
+            Job.tenant == tenant,
+            Job.status == JobStatus.SUCCEEDED,
+            Job.finished_at >= now - timedelta(minutes=RUN_TIME_WINDOW_MIN),
+            Job.started_at.is_not(None),
+        )
+    ).all()
+    durations = sorted(
+        (end - start).total_seconds() for start, end in rows if start is not None and end
+    )
+    median, p95 = percentile(durations, 0.5), percentile(durations, 0.95)
+    return RunTime(
+        window_minutes=RUN_TIME_WINDOW_MIN,
+        samples=len(durations),
+        median_s=round(median, 3) if median is not None else None,
+        p95_s=round(p95, 3) if p95 is not None else None,
+    )
+
+
+def _workers(session: Session, tenant: str, cutoff: datetime) -> list[Worker]:
+    rows = session.execute(
+        select(
+            Job.worker_id,
+            Job.id,
+            Job.model,
+            Job.progress,
+            Job.attempt,
+            Job.started_at,
+            Job.heartbeat_at,
+            Job.cancel_requested,
+        )
+        .where(
+            Job.tenant == tenant,
+            Job.status == JobStatus.RUNNING,
+            Job.worker_id.is_not(None),
+            Job.heartbeat_at >= cutoff,
+        )
+        .order_by(Job.heartbeat_at.desc(), Job.id)
+    ).all()
+    workers: dict[str, Worker] = {}
+    for row in rows:
+        heartbeat = unix(row.heartbeat_at) or 0
+        worker = workers.setdefault(
+            row.worker_id, Worker(worker_id=row.worker_id, heartbeat_at=heartbeat, jobs=[])
+        )
+        worker.jobs.append(
+            WorkerJob(
+                id=row.id,
+                model=row.model,
+                progress=max(0, min(100, int(row.progress or 0))),
+                attempt=row.attempt,
+                started_at=unix(row.started_at),
+                heartbeat_at=heartbeat,
+                cancel_requested=bool(row.cancel_requested),
+            )
+        )
+    return sorted(workers.values(), key=lambda worker: worker.worker_id)
+
+
+def _live_workers(session: Session, cutoff: datetime) -> int:
+    return session.execute(
+        select(func.count(distinct(Job.worker_id))).where(
+            Job.status == JobStatus.RUNNING,
+            Job.worker_id.is_not(None),
+            Job.heartbeat_at >= cutoff,
+        )
+    ).scalar_one()
+
+
+def _latest_jobs(
+    session: Session, tenant: str, status_filter: str | None, now: datetime
+) -> list[JobRow]:
+    query = select(
+        Job.id,
+        Job.model,
+        Job.status,
+        Job.progress,
+        Job.attempt,
+        Job.max_attempts,
+        Job.created_at,
+        Job.started_at,
+        Job.finished_at,
+        Job.heartbeat_at,
+        Job.error_code,
+        Job.cancel_requested,
+        Job.worker_id,
+    ).where(Job.tenant == tenant, Job.deleted_at.is_(None))
+    if status_filter is not None:
+        query = query.where(Job.status.in_(STATUS_FILTERS[status_filter]))
+    rows = session.execute(
+        query.order_by(Job.created_at.desc(), Job.id.desc()).limit(LATEST_JOBS)
+    ).all()
+    table = []
+    for row in rows:
+        if row.status == JobStatus.RUNNING:
+            duration = _seconds(row.started_at, now)
+        elif JobStatus(row.status).is_final:
+            duration = _seconds(row.started_at, row.finished_at)
+        else:  # queued, perhaps again after a failed attempt: not running now
+            duration = None
+        table.append(
+            JobRow(
+                id=row.id,
+                model=row.model,
+                status=API_STATUS[row.status],
+                state=row.status,
+                progress=max(0, min(100, int(row.progress or 0))),
+                attempt=row.attempt,
+                max_attempts=row.max_attempts,
+                created_at=unix(row.created_at) or 0,
+                started_at=unix(row.started_at),
+                finished_at=unix(row.finished_at),
+                heartbeat_at=unix(row.heartbeat_at),
+                duration_s=duration,
+                error_code=row.error_code,
+                cancel_requested=bool(row.cancel_requested),
+                worker_id=row.worker_id,
+            )
+        )
+    return table
+
+
+def collect(context: ApiContext, tenant: str, status_filter: str | None = None) -> DashboardData:
+    """Everything the dashboard shows `tenant`, as of now."""
+    now = utcnow()
+    timeout_s = context.settings.heartbeat_timeout_s
+    heartbeat_cutoff = now - timedelta(seconds=timeout_s)
+    with session_scope(context.settings.database_url) as session:
+        return DashboardData(
+            tenant=tenant,
+            generated_at=unix(now) or 0,
+            heartbeat_timeout_s=timeout_s,
+            counts=_counts(session, tenant),
+            pools=_pools(session, context, tenant),
+            throughput=_throughput(session, tenant, now),
+            run_time=_run_time(session, tenant, now),
+            workers=_workers(session, tenant, heartbeat_cutoff),
+            live_workers_all_tenants=_live_workers(session, heartbeat_cutoff),
+            status_filter=status_filter,
+            jobs=_latest_jobs(session, tenant, status_filter, now),
+        )
