@@ -15,6 +15,13 @@ def _celery(settings: Settings):
     return make_celery(settings, name="fvb-dispatch")
 
 
+def redis_priority(priority: int) -> int:
+    """API priority (-10 lowest .. 10 highest) -> kombu's Redis priority, where 0 is served
+    first and 9 last."""
+    clamped = max(-10, min(10, priority))
+    return round((10 - clamped) * 9 / 20)
+
+
 def dispatch(settings: Settings, job_id: str, pool: str, priority: int = 0) -> None:
     """Publish the job's message, then stamp ``dispatched_at`` (the reaper re-sends a queued
     job whose stamp is missing or old, so a publish lost between the two is recovered)."""
@@ -22,7 +29,7 @@ def dispatch(settings: Settings, job_id: str, pool: str, priority: int = 0) -> N
         RENDER_TASK,
         args=[job_id],
         queue=queue_for_pool(pool),
-        priority=max(0, min(9, priority)),
+        priority=redis_priority(priority),
     )
     with session_scope(settings.database_url) as session:
         transitions.mark_dispatched(session, job_id)

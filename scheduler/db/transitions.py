@@ -141,11 +141,12 @@ def succeed(
     output_sha256: str,
     stage_timings: dict[str, float] | None = None,
 ) -> bool:
-    """running -> succeeded, recording the output in the same statement."""
+    """running -> succeeded, recording the output in the same statement. A cancel requested
+    while the video was being stored wins: the guard refuses to record it."""
     return _transition(
         session,
         job_id,
-        _owned(attempt),
+        and_(_owned(attempt), Job.cancel_requested.is_(False)),
         RUNNING,
         dict(
             status=SUCCEEDED,

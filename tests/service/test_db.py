@@ -186,3 +186,25 @@ def test_idempotency_key_is_unique_per_tenant(db_url):
         transitions.create_job(session, _job(idempotency_key="k1", tenant="other"))
     with pytest.raises(IntegrityError), session_scope(db_url) as session:
         transitions.create_job(session, _job(idempotency_key="k1"))
+
+
+def test_cancel_requested_while_storing_refuses_success(db_url):
+    with session_scope(db_url) as session:
+        job_id = transitions.create_job(session, _job()).id
+    with session_scope(db_url) as session:
+        transitions.claim(session, job_id, "w1")
+    with session_scope(db_url) as session:
+        assert transitions.request_cancel(session, job_id) == "running"
+    with session_scope(db_url) as session:
+        assert not transitions.succeed(session, job_id, 1, "videos/x/attempt-1.mp4", 1, "0" * 64)
+        assert transitions.finish_cancelled(session, job_id, 1)
+    with session_scope(db_url) as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.output_key) == ("cancelled", None)
+
+
+def test_higher_api_priority_is_served_first_by_redis():
+    from scheduler.dispatch import redis_priority
+
+    assert redis_priority(10) == 0 < redis_priority(0) < redis_priority(-10) == 9
+    assert redis_priority(99) == 0 and redis_priority(-99) == 9

@@ -1,0 +1,80 @@
+"""Loaded pipelines, kept warm across jobs: an LRU of ``VideoGenerator`` by model name."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from scheduler.models_config import ServedModel
+
+if TYPE_CHECKING:
+    from fastvideo import VideoGenerator
+
+log = logging.getLogger(__name__)
+
+
+class PipelineCache:
+    """At most ``size`` pipelines in memory; the least recently used one is dropped first.
+
+    Used from one thread (the one running jobs), so it needs no lock.
+    """
+
+    def __init__(self, size: int, device: str | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"pipeline cache size must be >= 1, got {size}")
+        self.size = size
+        self.device = device
+        self._entries: OrderedDict[str, tuple[ServedModel, VideoGenerator]] = OrderedDict()
+        #: How many times each model was loaded by this process (1 when the cache works).
+        self.loads: Counter[str] = Counter()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def engine_kwargs(self, model: ServedModel) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(model.pipeline_options)
+        if self.device is not None:
+            kwargs["device"] = self.device
+        if model.gpus > 1:
+            # Let the engine refuse what it cannot do yet, with its own message.
+            kwargs["num_gpus"] = model.gpus
+        return kwargs
+
+    def get(self, model: ServedModel) -> VideoGenerator:
+        entry = self._entries.get(model.name)
+        # A config reload that changed the model's folder or options means a fresh load.
+        if entry is not None and entry[0] == model:
+            self._entries.move_to_end(model.name)
+            return entry[1]
+        if entry is not None:
+            self._drop(model.name)
+        from fastvideo import VideoGenerator
+
+        started = time.perf_counter()
+        generator = VideoGenerator.from_pretrained(model.path, **self.engine_kwargs(model))
+        self.loads[model.name] += 1
+        log.info(
+            "pipeline loaded: model=%s path=%s pid=%d seconds=%.2f loads=%d",
+            model.name,
+            model.path,
+            os.getpid(),
+            time.perf_counter() - started,
+            self.loads[model.name],
+        )
+        self._entries[model.name] = (model, generator)
+        while len(self._entries) > self.size:
+            self._drop(next(iter(self._entries)))
+        return generator
+
+    def _drop(self, name: str) -> None:
+        self._entries.pop(name, None)
+        log.info("pipeline evicted: model=%s pid=%d", name, os.getpid())
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
