@@ -50,7 +50,7 @@ def _rank_main(
             cfg_parallel_size=layout["cfg_parallel_size"] or 1,
         )
         result: Any = ("ok", fn(*args))
-    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+    except BaseException:
         result = ("error", traceback.format_exc())
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     parallel_state.destroy_model_parallel()
