@@ -2,6 +2,10 @@
 
 Loads diffusers checkpoints as is: the constructor takes the keys of diffusers'
 ``vae/config.json`` and ``state_dict()`` uses diffusers' parameter names.
+
+Decoding can be spatially tiled (``enable_tiling``, same tiles and blending as diffusers,
+see ``tiling.py``) and, on several ranks, split tile by tile across the sequence-parallel
+group (``distributed_decode.py``).
 """
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -9,9 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from fastvideo.distributed.parallel_state import get_sp_group
 from fastvideo.models.vaes.common import DiagonalGaussian
+from fastvideo.models.vaes.distributed_decode import decode_tiled_across_ranks
+from fastvideo.models.vaes.tiling import TileConfig, TileGrid, decode_tiled
 from fastvideo.models.vaes.wanvae_blocks import (
     CausalConv3d,
     Decoder3d,
@@ -91,6 +99,8 @@ class AutoencoderKLWan(nn.Module):
 
     Keyword arguments are the fields of :class:`WanVAEConfig`, i.e. diffusers' config keys;
     ``self.config`` exposes them like diffusers' ``vae.config``.
+
+    Decoding on several ranks: see :meth:`decode`.
     """
 
     def __init__(self, **config: Any) -> None:
@@ -120,6 +130,10 @@ class AutoencoderKLWan(nn.Module):
             dropout=cfg.dropout,
             out_channels=cfg.out_channels,
         )
+        # From the architecture, not config.scale_factor_*: a config may disagree with it.
+        self.spatial_ratio = 2 ** (len(dim_mult) - 1)
+        self.temporal_ratio = 2 ** sum(temperal_downsample)
+        self.tiling: TileConfig | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "AutoencoderKLWan":
@@ -149,12 +163,61 @@ class AutoencoderKLWan(nn.Module):
         """
         return DiagonalGaussian(self._encode(x))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def enable_tiling(
+        self,
+        tile_sample_min_height: int = 256,
+        tile_sample_min_width: int = 256,
+        tile_sample_stride_height: int = 192,
+        tile_sample_stride_width: int = 192,
+    ) -> None:
+        """Decode frames larger than one tile tile by tile, like diffusers' ``enable_tiling``
+        with the same arguments (video pixels; multiples of ``spatial_ratio``, strides at
+        most the tile size). Peak memory becomes one tile's activations plus the output."""
+        config = TileConfig(
+            sample_min_height=tile_sample_min_height,
+            sample_min_width=tile_sample_min_width,
+            sample_stride_height=tile_sample_stride_height,
+            sample_stride_width=tile_sample_stride_width,
+        )
+        config.check(self.spatial_ratio)
+        self.tiling = config
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
+    @property
+    def use_tiling(self) -> bool:
+        return self.tiling is not None
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        *,
+        group: dist.ProcessGroup | None = None,
+        split_across_ranks: bool = True,
+    ) -> torch.Tensor:
         """Video from unnormalised latents ``z`` of shape (B, z_dim, T, h, w); with the
         Wan2.1 config it is (B, out_channels, 1 + 4 * (T - 1), 8h, 8w). Clamped to [-1, 1]
-        (as diffusers does) unless ``config.clip_output`` is False."""
-        video = self._decode(z)
-        return video.clamp(-1.0, 1.0) if self.config.clip_output else video
+        (as diffusers does) unless ``config.clip_output`` is False.
+
+        With tiling enabled and a frame larger than one tile, decodes tile by tile.
+
+        On several ranks (``group``, by default the sequence-parallel group of
+        ``parallel_state``), every rank of the group must call ``decode`` with the same
+        ``z``: the tiles are shared out round-robin, exchanged, and every rank returns the
+        same video, equal to the single-rank tiled decode. If tiling is not enabled, the
+        split uses diffusers' default tiles (256 px every 192 px) when the frame holds more
+        than one, and otherwise every rank decodes the whole frame; note that a tiled
+        decode differs slightly from an untiled one near tile seams.
+        ``split_across_ranks=False`` decodes on this rank alone, e.g. when only some ranks
+        of the group decode.
+        """
+        if split_across_ranks and group is None:
+            group = get_sp_group()
+        world = dist.get_world_size(group) if split_across_ranks and group is not None else 1
+        video = self._decode_tiles_if_enabled(z, group if world > 1 else None)
+        # In place: the video is a fresh tensor, and a copy would double the output memory.
+        return video.clamp_(-1.0, 1.0) if self.config.clip_output else video
 
     def forward(
         self,
@@ -167,8 +230,24 @@ class AutoencoderKLWan(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z)
 
-    # _encode and _decode process one clip with a fresh feature cache; spatial tiling can
-    # call them per tile and blend the results.
+    def _decode_tiles_if_enabled(
+        self, z: torch.Tensor, group: dist.ProcessGroup | None
+    ) -> torch.Tensor:
+        tiling = self.tiling
+        if tiling is None and group is not None:
+            tiling = TileConfig()
+        if tiling is None:
+            return self._decode(z)
+        grid = TileGrid(z.shape[-2], z.shape[-1], tiling, self.spatial_ratio)
+        if not grid.is_tiled:
+            return self._decode(z)
+        if group is None:
+            return decode_tiled(self._decode, z, grid)
+        frames = 1 + self.temporal_ratio * (z.shape[2] - 1)
+        lead_shape = (z.shape[0], self.config.out_channels, frames)
+        return decode_tiled_across_ranks(self._decode, z, grid, lead_shape, group)
+
+    # _encode and _decode process one clip (or one tile of it) with a fresh feature cache.
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         cache: FeatureCache = {}
@@ -178,11 +257,21 @@ class AutoencoderKLWan(nn.Module):
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         x = self.post_quant_conv(z)
         cache: FeatureCache = {}
-        # Frame by frame: latent frame 0 decodes to 1 frame, each later one to 4.
-        frames = [
-            self.decoder(x[:, :, t : t + 1], cache, first_chunk=t == 0) for t in range(x.shape[2])
-        ]
-        return torch.cat(frames, dim=2)
+        video: torch.Tensor | None = None
+        start = 0
+        # Frame by frame: latent frame 0 decodes to 1 frame, each later one to
+        # temporal_ratio (4). Written into one preallocated video rather than concatenated,
+        # which would briefly hold the video twice.
+        for t in range(x.shape[2]):
+            frames = self.decoder(x[:, :, t : t + 1], cache, first_chunk=t == 0)
+            if video is None:
+                num_frames = 1 + self.temporal_ratio * (x.shape[2] - 1)
+                b, c, _, h, w = frames.shape
+                video = frames.new_empty(b, c, num_frames, h, w)
+            video[:, :, start : start + frames.shape[2]] = frames
+            start += frames.shape[2]
+        assert video is not None and start == video.shape[2]
+        return video
 
 
 def _encode_chunks(x: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -6,7 +6,7 @@ checkpoints load without renaming.
 Video is processed causally in time, one chunk of frames at a time. Every temporal
 convolution needs the last frames of the previous chunk; a ``FeatureCache`` carries them
 from chunk to chunk, keyed by the module that owns them. Start a new (empty) cache for
-every clip (and, once tiling exists, for every tile).
+every clip, and for every tile of a tiled decode (see ``tiling.py``).
 """
 
 import itertools
@@ -171,9 +171,14 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        # One statement per step, rebinding x, so each intermediate is freed as soon as the
+        # next exists: nesting the calls would keep conv1's output alive through conv2,
+        # one more full-resolution activation at the decoder's peak.
         shortcut = self.conv_shortcut(x)
-        x = self.conv1(F.silu(self.norm1(x)), cache)
-        x = self.conv2(self.dropout(F.silu(self.norm2(x))), cache)
+        x = F.silu(self.norm1(x))
+        x = self.conv1(x, cache)
+        x = F.silu(self.norm2(x))
+        x = self.conv2(self.dropout(x), cache)
         return x + shortcut
 
 
@@ -217,7 +222,8 @@ class MidBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         x = self.resnets[0](x, cache)
         for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            x = resnet(attn(x), cache)
+            x = attn(x)
+            x = resnet(x, cache)
         return x
 
 
@@ -289,7 +295,8 @@ class Encoder3d(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        x = F.silu(self.norm_out(x))  # rebinds x to free the block output (see ResidualBlock)
+        return self.conv_out(x, cache)
 
 
 class Decoder3d(nn.Module):
@@ -333,4 +340,5 @@ class Decoder3d(nn.Module):
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache, first_chunk)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        x = F.silu(self.norm_out(x))  # rebinds x to free the block output (see ResidualBlock)
+        return self.conv_out(x, cache)
