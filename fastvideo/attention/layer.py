@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 from fastvideo.attention.backends.abstract import _Backend
+from fastvideo.attention.ring import ring_attention
 from fastvideo.attention.selector import get_attn_backend
-from fastvideo.distributed.parallel_state import get_sp_world_size
+from fastvideo.attention.sequence_parallel import sp_factorisation
+from fastvideo.attention.ulysses import heads_to_seq, seq_to_heads
+from fastvideo.distributed.parallel_state import get_sp_ulysses_ring_groups, get_sp_world_size
 
 _DEFAULT_BACKENDS = (_Backend.FLASH_ATTN, _Backend.TORCH_SDPA)
 
@@ -49,17 +52,71 @@ class LocalAttention(nn.Module):
 
 
 class DistributedAttention(LocalAttention):
-    """Attention over a sequence split across sequence-parallel ranks.
+    """Self-attention over a sequence split across sequence-parallel (SP) ranks.
 
-    Each rank passes its own slice of the sequence (B, S/sp, H, D) and gets back the
-    attention output for that slice. With one sequence-parallel rank this is exactly
-    ``LocalAttention``.
+    Each rank passes its own slice (B, S/sp, H, D) of query, key and value, laid out as
+    ``attention.sequence_parallel.shard_sequence`` cuts them, and gets back the attention
+    output for that slice. ``seq_len`` is the number of real tokens in the whole sequence
+    (default: all of them); the padding after them is never attended to.
+
+    The SP degree is factored as ``ulysses x ring`` (``sp_factorisation``): a Ulysses
+    all-to-all gives each rank a contiguous block of ``ulysses`` slices with H/ulysses heads,
+    the backend kernel attends within it when ``ring`` is 1, and ring attention over the
+    blocks covers the rest. With one SP rank this is exactly ``LocalAttention``.
     """
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        if get_sp_world_size() > 1:
-            raise RuntimeError(
-                "sequence-parallel attention across ranks is not available in this build; "
-                "run with sp_size=1"
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        seq_len: int | None = None,
+    ) -> torch.Tensor:
+        sp = get_sp_world_size()
+        if sp == 1:
+            if seq_len is not None and seq_len < key.shape[1]:
+                key, value = key[:, :seq_len], value[:, :seq_len]
+            return self.impl.forward(query, key, value)
+        return self._forward_sequence_parallel(query, key, value, seq_len, sp)
+
+    def _forward_sequence_parallel(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        seq_len: int | None,
+        sp: int,
+    ) -> torch.Tensor:
+        if self.impl.causal or self.num_kv_heads != self.num_heads:
+            raise NotImplementedError(
+                "sequence-parallel attention supports non-causal attention with as many "
+                "key/value heads as query heads"
             )
-        return self.impl.forward(query, key, value)
+        if not query.shape == key.shape == value.shape:
+            raise ValueError(
+                "sequence-parallel self-attention needs query, key and value of one shape, got "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            )
+        padded_len = sp * query.shape[1]
+        seq_len = padded_len if seq_len is None else seq_len
+        if not 0 < seq_len <= padded_len:
+            raise ValueError(f"seq_len={seq_len} must be in [1, {padded_len}]")
+        ulysses, ring = sp_factorisation(sp, self.num_heads)
+        ulysses_group, ring_group = get_sp_ulysses_ring_groups(ulysses)
+
+        if ulysses > 1:
+            # (3, B, ulysses*S/sp, H/ulysses, D): this ring rank's block, our heads.
+            qkv = seq_to_heads((query, key, value), ulysses_group)
+            query, kv = qkv[0], qkv[1:]
+        else:
+            kv = torch.stack((key, value))
+
+        if ring == 1:
+            key, value = kv[0, :, :seq_len], kv[1, :, :seq_len]
+            out = self.impl.forward(query, key, value)
+        else:
+            if self.impl.dropout_rate:
+                raise NotImplementedError("ring attention does not support dropout")
+            out = ring_attention(query, kv, seq_len, self.softmax_scale, ring_group)
+
+        return heads_to_seq(out, ulysses_group) if ulysses > 1 else out

@@ -8,6 +8,13 @@ over the same world (``tp`` divides N); every TP group computes the same embeddi
 
     N=4, cfg=2, tp=2:  sp groups [0,1] [2,3]   cfg groups [0,2] [1,3]   tp groups [0,1] [2,3]
 
+Sequence-parallel attention may factor each SP group as ``ulysses x ring``
+(``get_sp_ulysses_ring_groups``): SP rank ``s = ring_rank * ulysses + ulysses_rank``, so a
+Ulysses group is ``ulysses`` consecutive SP ranks and a ring group the SP ranks with the same
+``ulysses_rank``. The sub-groups of every factorisation of ``sp`` are created here, once:
+
+    sp=4, ulysses=2:  ulysses groups [0,1] [2,3]   ring groups [0,2] [1,3]
+
 Before ``initialize_model_parallel`` every degree is 1 and every rank is 0: the
 single-process engine. ``tensor_parallel_coordinates`` lets a caller act as TP rank ``r``
 of ``n`` without a process group (offline slicing, weight-loader tests).
@@ -36,6 +43,8 @@ class _GroupCoordinates:
 _TP = _GroupCoordinates()
 _SP = _GroupCoordinates()
 _CFG = _GroupCoordinates()
+# ulysses degree -> (this rank's Ulysses group, its ring group), for each divisor of sp.
+_SP_FACTORS: dict[int, tuple[_GroupCoordinates, _GroupCoordinates]] = {}
 
 
 def get_world_rank() -> int:
@@ -73,6 +82,20 @@ def get_sp_group() -> dist.ProcessGroup | None:
 def get_sp_ranks() -> tuple[int, ...]:
     """Global ranks of this rank's sequence-parallel group, in sp_rank order."""
     return _SP.ranks
+
+
+def get_sp_ulysses_ring_groups(
+    ulysses_size: int,
+) -> tuple[_GroupCoordinates, _GroupCoordinates]:
+    """This rank's (Ulysses, ring) sub-groups of its SP group, for ``ulysses_size`` dividing
+    the SP degree (see the module docstring for the layout)."""
+    if ulysses_size not in _SP_FACTORS:
+        if _SP.world_size == 1 and ulysses_size == 1:
+            return _GroupCoordinates(), _GroupCoordinates()
+        raise ValueError(
+            f"ulysses_size={ulysses_size} must divide the sequence-parallel size {_SP.world_size}"
+        )
+    return _SP_FACTORS[ulysses_size]
 
 
 def get_cfg_rank() -> int:
@@ -139,7 +162,7 @@ def initialize_model_parallel(
     cfg_parallel_size: int = 1,
 ) -> None:
     """Split the world into CFG, SP and TP groups (see the module docstring)."""
-    global _TP, _SP, _CFG
+    global _TP, _SP, _CFG, _SP_FACTORS
     world, rank = get_world_size(), get_world_rank()
     if cfg_parallel_size not in (1, 2) or world % cfg_parallel_size:
         raise ValueError(
@@ -156,13 +179,51 @@ def initialize_model_parallel(
         raise ValueError(f"tp_size={tensor_parallel_size} must divide the number of ranks {world}")
     _SP = _member_group([list(range(c * sp, (c + 1) * sp)) for c in range(cfg_parallel_size)], rank)
     _CFG = _member_group([list(range(s, world, sp)) for s in range(sp)], rank)
+    _SP_FACTORS = _sp_factor_groups(sp, cfg_parallel_size, rank)
     tp = tensor_parallel_size
     _TP = _member_group([list(range(t * tp, (t + 1) * tp)) for t in range(world // tp)], rank)
 
 
+def _sp_factor_groups(
+    sp: int, cfg: int, rank: int
+) -> dict[int, tuple[_GroupCoordinates, _GroupCoordinates]]:
+    """Ulysses and ring sub-groups of the SP groups for every ``ulysses`` dividing ``sp``
+    (the trivial factorisations reuse the SP group itself)."""
+    alone = _GroupCoordinates(ranks=(rank,))
+    factors = {}
+    for ulysses in (u for u in range(1, sp + 1) if sp % u == 0):
+        ring = sp // ulysses
+        if ulysses == 1:
+            factors[ulysses] = (alone, _SP)
+        elif ring == 1:
+            factors[ulysses] = (_SP, alone)
+        else:
+            bases = [c * sp for c in range(cfg)]
+            factors[ulysses] = (
+                _member_group(
+                    [
+                        [b + g * ulysses + i for i in range(ulysses)]
+                        for b in bases
+                        for g in range(ring)
+                    ],
+                    rank,
+                ),
+                _member_group(
+                    [
+                        [b + j * ulysses + i for j in range(ring)]
+                        for b in bases
+                        for i in range(ulysses)
+                    ],
+                    rank,
+                ),
+            )
+    return factors
+
+
 def destroy_model_parallel() -> None:
-    global _TP, _SP, _CFG
+    global _TP, _SP, _CFG, _SP_FACTORS
     _TP, _SP, _CFG = _GroupCoordinates(), _GroupCoordinates(), _GroupCoordinates()
+    _SP_FACTORS = {}
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -25,8 +25,13 @@ from torch import nn
 
 from fastvideo.attention import DistributedAttention, LocalAttention
 from fastvideo.attention.backends.abstract import _Backend
+from fastvideo.attention.sequence_parallel import gather_sequence, shard_sequence
 from fastvideo.distributed.communication_op import tensor_model_parallel_all_reduce
-from fastvideo.distributed.parallel_state import get_tp_rank, get_tp_world_size
+from fastvideo.distributed.parallel_state import (
+    get_sp_world_size,
+    get_tp_rank,
+    get_tp_world_size,
+)
 from fastvideo.layers.layernorm import FP32LayerNorm, LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import (
     ColumnParallelLinear,
@@ -108,7 +113,12 @@ class WanSelfAttention(nn.Module):
         )
         self.to_out = RowParallelLinear(inner_dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        seq_len: int | None = None,
+    ) -> torch.Tensor:
         qkv, _ = self.to_qkv(x)
         q, k, v = qkv.chunk(3, dim=-1)
         q = self.norm_q(q).unflatten(2, (self.local_heads, -1))
@@ -116,7 +126,7 @@ class WanSelfAttention(nn.Module):
         v = v.unflatten(2, (self.local_heads, -1))
         q = apply_rotary_emb(q, *rotary)
         k = apply_rotary_emb(k, *rotary)
-        out = self.attn(q, k, v).flatten(2, 3).type_as(q)
+        out = self.attn(q, k, v, seq_len=seq_len).flatten(2, 3).type_as(q)
         out, _ = self.to_out(out)
         return out
 
@@ -216,13 +226,14 @@ class WanTransformerBlock(nn.Module):
         context: torch.Tensor,
         timestep_proj: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
+        seq_len: int | None = None,
     ) -> torch.Tensor:
         # (1, 6, dim) + (B, 6, dim) in float32 -> six (B, 1, dim) modulation vectors.
         shift, scale, gate, c_shift, c_scale, c_gate = (
             self.scale_shift_table + timestep_proj.float()
         ).chunk(6, dim=1)
 
-        attn_out = self.attn1(self.norm1(x, shift, scale), rotary)
+        attn_out = self.attn1(self.norm1(x, shift, scale), rotary, seq_len)
         x = (x.float() + attn_out * gate).type_as(x)
 
         normed = self.norm2(x.float()).type_as(x) if self.norm2 is not None else x
@@ -431,6 +442,14 @@ class WanTransformer3DModel(nn.Module):
         rotary = self.rope(grid, hidden_states.device)
 
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        seq_len = None
+        if get_sp_world_size() > 1:
+            # Each SP rank carries its contiguous slice of the tokens (padded to a multiple of
+            # sp) through the blocks; every op but self-attention is per token, and the
+            # rotary tables are sliced alike so positions stay global.
+            seq_len = x.shape[1]
+            x = shard_sequence(x)
+            rotary = (shard_sequence(rotary[0]), shard_sequence(rotary[1]))
 
         temb, timestep_proj, context, image_context = self.condition_embedder(
             timestep, encoder_hidden_states, encoder_hidden_states_image
@@ -440,11 +459,13 @@ class WanTransformer3DModel(nn.Module):
             context = torch.cat([image_context, context], dim=1)
 
         for block in self.blocks:
-            x = block(x, context, timestep_proj, rotary)
+            x = block(x, context, timestep_proj, rotary, seq_len)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.norm_out(x, shift, scale)
         x, _ = self.proj_out(x)
+        if seq_len is not None:
+            x = gather_sequence(x, seq_len)  # after proj_out: out_channels*patch, not dim, travel
 
         # (B, F*H*W, p_t*p_h*p_w*C) -> (B, C, F*p_t, H*p_h, W*p_w)
         x = x.reshape(batch, *grid, p_t, p_h, p_w, -1)
