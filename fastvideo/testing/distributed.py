@@ -2,6 +2,7 @@
 
     results = run_on_ranks(fn, world_size=4, args=(...), sp_size=2, cfg_parallel_size=2)
 
+``backend="nccl"`` runs one rank per GPU (rank r on cuda:r) instead of CPU ranks.
 ``fn(*args)`` runs in every rank after the world and model-parallel groups exist; it must be
 importable (a module-level function) because ranks are fresh ``spawn``ed interpreters.
 Tensors in the returned values come back on the CPU.
@@ -35,6 +36,7 @@ def _rank_main(
     fn: Callable[..., Any],
     args: tuple,
     layout: dict[str, int | None],
+    backend: str = "gloo",
 ) -> None:
     from fastvideo.distributed import parallel_state
 
@@ -42,7 +44,7 @@ def _rank_main(
     torch.set_num_threads(1)
     try:
         parallel_state.init_distributed_environment(
-            world_size=world_size, rank=rank, backend="gloo", timeout_s=120
+            world_size=world_size, rank=rank, backend=backend, timeout_s=300
         )
         parallel_state.initialize_model_parallel(
             tensor_parallel_size=layout["tp_size"] or 1,
@@ -63,12 +65,13 @@ def run_on_ranks(
     sp_size: int | None = None,
     tp_size: int = 1,
     cfg_parallel_size: int = 1,
+    backend: str = "gloo",
 ) -> list[Any]:
     layout = {"sp_size": sp_size, "tp_size": tp_size, "cfg_parallel_size": cfg_parallel_size}
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _rank_main,
-            args=(world_size, _free_port(), out_dir, fn, args, layout),
+            args=(world_size, _free_port(), out_dir, fn, args, layout, backend),
             nprocs=world_size,
             join=True,
             start_method="spawn",
