@@ -45,7 +45,8 @@ def test_bf16_sequence_parallel_dit_equals_one_gpu(sp, heads):
     for rank, out in enumerate(outputs):
         diff = (out - single_gpu_output).abs()
         print(
-            f"SP={sp} heads={heads} rank {rank}: max {diff.max():.3e}, mean {diff.mean():.3e}, ulp {ulp:.3e}"
+            f"SP={sp} heads={heads} rank {rank}: max {diff.max():.3e}, "
+            f"mean {diff.mean():.3e}, ulp {ulp:.3e}"
         )
         assert diff.max().item() <= 4 * ulp
         assert diff.mean().item() <= ulp / 50
