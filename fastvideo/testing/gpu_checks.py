@@ -6,7 +6,7 @@ import torch
 
 DIT_CONFIG = dict(
     num_attention_heads=12,
-    attention_head_dim=64,  # heads x head_dim stays 768 when the head count changes
+    attention_head_dim=128,  # Wan's head size
     in_channels=16,
     out_channels=16,
     text_dim=64,
@@ -26,9 +26,7 @@ def build_bf16_dit(device: str, heads: int = 12):
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = WanTransformer3DModel(
-                **{**DIT_CONFIG, "num_attention_heads": heads, "attention_head_dim": 768 // heads}
-            )
+            model = WanTransformer3DModel(**{**DIT_CONFIG, "num_attention_heads": heads})
     finally:
         torch.set_default_dtype(saved)
     keep_modules_in_fp32(model)
