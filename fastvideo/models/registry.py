@@ -22,7 +22,7 @@ _VAE_MODELS = {
 }
 
 _TEXT_ENCODER_MODELS = {
-    "UMT5EncoderModel": ("encoders", "t5", "UMT5EncoderModel"),
+    "UMT5EncoderModel": ("encoders", "umt5", "UMT5EncoderModel"),
     "T5EncoderModel": ("encoders", "t5", "T5EncoderModel"),
     "CLIPTextModel": ("encoders", "clip", "CLIPTextModel"),
 }
