@@ -31,10 +31,20 @@ class FastVideoArgs:
     pipeline_class_name: str | None = None
     #: "cuda", "cuda:1", "cpu"; default: CUDA when available.
     device: str | None = None
+    #: Ranks one request runs on. More than 1 starts that many long-lived rank processes
+    #: (``fastvideo.executor``): ``num_gpus = sp_size * (2 if cfg_parallel else 1)``.
     num_gpus: int = 1
-    sp_size: int = 1
+    #: Sequence-parallel ranks per CFG branch; None: ``num_gpus // (2 if cfg_parallel else 1)``.
+    sp_size: int | None = None
+    #: Tensor-parallel degree of the text encoder (contiguous blocks of ranks; divides num_gpus).
     tp_size: int = 1
+    #: Split classifier-free guidance: half of the ranks compute the conditional prediction,
+    #: the other half the unconditional one.
     cfg_parallel: bool = False
+    #: Seconds any collective between ranks may take before it fails instead of hanging. The
+    #: other ranks wait for rank 0 while the caller's step callback runs, so a callback must
+    #: return well within it.
+    dist_timeout_s: float = 600.0
     #: Per-component precision ("fp32", "bf16", "fp16"); None picks the default above.
     dit_precision: str | None = None
     vae_precision: str | None = None
@@ -69,16 +79,7 @@ class FastVideoArgs:
                 raise ValueError(
                     f"{name}={value!r} is not a precision; choose from {list(PRECISIONS)}"
                 )
-        for name in ("num_gpus", "sp_size", "tp_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_gpus != 1 or self.sp_size != 1 or self.tp_size != 1 or self.cfg_parallel:
-            raise ValueError(
-                "num_gpus, sp_size, tp_size and cfg_parallel: this build runs one process "
-                "per pipeline; multi-GPU execution is not available yet (use the defaults 1, "
-                "1, 1, False)"
-            )
+        self._validate_layout()
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -88,6 +89,40 @@ class FastVideoArgs:
             from fastvideo.attention.selector import backend_from_name
 
             backend_from_name(self.attention_backend, "attention_backend")
+
+    def _validate_layout(self) -> None:
+        """num_gpus = sp_size x (2 if cfg_parallel else 1), and tp_size divides num_gpus
+        (the layout ``fastvideo.distributed.parallel_state`` builds)."""
+        if not isinstance(self.cfg_parallel, bool):
+            raise ValueError(f"cfg_parallel must be True or False, got {self.cfg_parallel!r}")
+        for name in ("num_gpus", "sp_size", "tp_size"):
+            value = getattr(self, name)
+            if name == "sp_size" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        cfg = 2 if self.cfg_parallel else 1
+        if self.num_gpus % cfg:
+            raise ValueError(
+                f"cfg_parallel=True needs an even num_gpus (one half per guidance branch), "
+                f"got num_gpus={self.num_gpus}"
+            )
+        if self.sp_size is None:
+            self.sp_size = self.num_gpus // cfg
+        if self.sp_size * cfg != self.num_gpus:
+            raise ValueError(
+                f"sp_size={self.sp_size} does not fit num_gpus={self.num_gpus}: num_gpus must "
+                f"equal sp_size x {cfg} (cfg_parallel={self.cfg_parallel}); use "
+                f"sp_size={self.num_gpus // cfg}"
+            )
+        if self.num_gpus % self.tp_size:
+            raise ValueError(
+                f"tp_size={self.tp_size} must divide num_gpus={self.num_gpus} (tensor-parallel "
+                "groups are contiguous blocks of ranks)"
+            )
+        timeout = self.dist_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError(f"dist_timeout_s must be a positive number, got {timeout!r}")
 
     @property
     def torch_device(self) -> torch.device:

@@ -1,4 +1,11 @@
-"""Loaded pipelines, kept warm across jobs: an LRU of ``VideoGenerator`` by model name."""
+"""Loaded pipelines, kept warm across jobs: an LRU of ``VideoGenerator`` by model name.
+
+A model with ``gpus > 1`` is loaded as a multi-rank ``VideoGenerator``: ``gpus`` long-lived
+rank processes on this worker's GPU group (the first ``gpus`` of ``CUDA_VISIBLE_DEVICES``),
+or CPU ranks over gloo with ``--device cpu``, laid out by the model's ``pipeline_options``
+(``sp_size``, ``tp_size``, ``cfg_parallel``). The ranks stay up while the model is cached and
+are stopped when it is evicted or the worker exits.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +30,13 @@ class PipelineCache:
     Used from one thread (the one running jobs), so it needs no lock.
     """
 
-    def __init__(self, size: int, device: str | None = None) -> None:
+    def __init__(self, size: int, device: str | None = None, gpus: str | None = None) -> None:
         if size < 1:
             raise ValueError(f"pipeline cache size must be >= 1, got {size}")
         self.size = size
         self.device = device
+        #: The worker's GPU group ("0,1,2,3"), or None (CPU, or every visible GPU).
+        self.gpus = gpus
         self._entries: OrderedDict[str, tuple[ServedModel, VideoGenerator]] = OrderedDict()
         #: How many times each model was loaded by this process (1 when the cache works).
         self.loads: Counter[str] = Counter()
@@ -39,9 +48,20 @@ class PipelineCache:
         kwargs: dict[str, Any] = dict(model.pipeline_options)
         if self.device is not None:
             kwargs["device"] = self.device
-        if model.gpus > 1:
-            # Let the engine refuse what it cannot do yet, with its own message.
-            kwargs["num_gpus"] = model.gpus
+        declared = kwargs.get("num_gpus", model.gpus)
+        if declared != model.gpus:
+            raise ValueError(
+                f"model {model.name!r}: pipeline_options.num_gpus={declared!r} contradicts "
+                f"gpus={model.gpus}; set gpus only"
+            )
+        group = [g for g in (self.gpus or "").split(",") if g.strip()]
+        on_gpu = self.device is None or not self.device.startswith("cpu")
+        if on_gpu and group and model.gpus > len(group):
+            raise ValueError(
+                f"model {model.name!r} needs gpus={model.gpus} but this worker owns "
+                f"{len(group)} (--gpus {self.gpus})"
+            )
+        kwargs["num_gpus"] = model.gpus
         return kwargs
 
     def get(self, model: ServedModel) -> VideoGenerator:
@@ -57,21 +77,30 @@ class PipelineCache:
         started = time.perf_counter()
         generator = VideoGenerator.from_pretrained(model.path, **self.engine_kwargs(model))
         self.loads[model.name] += 1
+        executor = getattr(generator, "executor", None)
         log.info(
-            "pipeline loaded: model=%s path=%s pid=%d seconds=%.2f loads=%d",
+            "pipeline loaded: model=%s path=%s pid=%d seconds=%.2f loads=%d ranks=%s",
             model.name,
             model.path,
             os.getpid(),
             time.perf_counter() - started,
             self.loads[model.name],
+            executor.pids if executor is not None else "-",
         )
         self._entries[model.name] = (model, generator)
         while len(self._entries) > self.size:
             self._drop(next(iter(self._entries)))
         return generator
 
+    def close(self) -> None:
+        """Drop every pipeline (stopping the rank processes of multi-rank ones)."""
+        for name in list(self._entries):
+            self._drop(name)
+
     def _drop(self, name: str) -> None:
-        self._entries.pop(name, None)
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            entry[1].close()
         log.info("pipeline evicted: model=%s pid=%d", name, os.getpid())
         gc.collect()
         import torch

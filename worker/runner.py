@@ -42,6 +42,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from fastvideo.executor import RankGroupError
 from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled
 from fastvideo.utils.video_io import frames_to_uint8, write_mp4
 from scheduler.db import transitions
@@ -156,7 +157,9 @@ class JobRunner:
     def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id or make_worker_id(settings)
-        self.pipelines = PipelineCache(settings.pipeline_cache_size, settings.worker_device)
+        self.pipelines = PipelineCache(
+            settings.pipeline_cache_size, settings.worker_device, settings.worker_gpus
+        )
         self.store = VideoStore(settings)
         self._models: dict[str, ServedModel] = {}
         self._finishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fvb-finish")
@@ -226,6 +229,13 @@ class JobRunner:
         except torch.cuda.OutOfMemoryError as err:
             torch.cuda.empty_cache()
             return self._fail(claim, "out_of_memory", str(err))
+        except RankGroupError as err:
+            # A rank of a multi-GPU model died or hung; the group restarts for the next job.
+            # The rank's log tail goes to this log, the job gets the line that names the rank.
+            log.error("job %s: %s", claim.job_id, err)
+            return self._fail(
+                claim, "internal_error", f"RankGroupError: {str(err).splitlines()[0]}"
+            )
         except Exception as err:
             log.exception("job %s: rendering failed", claim.job_id)
             return self._fail(claim, "internal_error", f"{type(err).__name__}: {err}")
@@ -507,3 +517,5 @@ class JobRunner:
         if pending:
             log.info("waiting for %d upload(s) to finish before exiting", pending)
         self._finishing.shutdown(wait=True)
+        # Stops the rank processes of multi-GPU models (a pool child exits without atexit).
+        self.pipelines.close()

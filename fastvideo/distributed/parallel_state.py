@@ -40,6 +40,7 @@ class _GroupCoordinates:
     ranks: tuple[int, ...] = (0,)
 
 
+_COLLECTIVE_TIMEOUT = timedelta(seconds=600)
 _TP = _GroupCoordinates()
 _SP = _GroupCoordinates()
 _CFG = _GroupCoordinates()
@@ -126,8 +127,10 @@ def init_distributed_environment(
     NCCL when CUDA is available, gloo otherwise. ``timeout_s`` bounds every collective, so a
     rank that died makes the others fail with an error instead of hanging forever.
     """
+    global _COLLECTIVE_TIMEOUT
     if dist.is_initialized():
         return
+    _COLLECTIVE_TIMEOUT = timedelta(seconds=timeout_s)
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     rank = rank if rank is not None else int(os.environ.get("RANK", 0))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -148,7 +151,9 @@ def _member_group(blocks: list[list[int]], rank: int) -> _GroupCoordinates:
     order) and return this rank's coordinates in the one that contains it."""
     mine = _GroupCoordinates()
     for ranks in blocks:
-        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        # Sub-groups need the timeout too: torch otherwise gives them its own default (30 min
+        # on gloo), and a frozen rank would hang the survivors that long.
+        group = dist.new_group(ranks, timeout=_COLLECTIVE_TIMEOUT) if len(ranks) > 1 else None
         if rank in ranks:
             mine = _GroupCoordinates(
                 rank=ranks.index(rank), world_size=len(ranks), group=group, ranks=tuple(ranks)

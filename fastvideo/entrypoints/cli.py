@@ -34,6 +34,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="pipeline class to use instead of the one model_index.json names",
     )
     gen.add_argument("--attention-backend", default=None, help="e.g. TORCH_SDPA, FLASH_ATTN")
+    gen.add_argument("--num-gpus", type=int, default=None, help="ranks for one video")
+    gen.add_argument("--sp-size", type=int, default=None, help="sequence-parallel degree")
+    gen.add_argument("--tp-size", type=int, default=None, help="text-encoder tensor parallel")
+    gen.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        default=None,
+        help="run the two guidance branches on separate GPU groups",
+    )
     for component in ("dit", "vae", "text-encoder", "image-encoder"):
         gen.add_argument(f"--{component}-precision", choices=list(PRECISIONS), default=None)
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -53,6 +62,10 @@ def _generate(ns: argparse.Namespace) -> int:
         "vae_precision": ns.vae_precision,
         "text_encoder_precision": ns.text_encoder_precision,
         "image_encoder_precision": ns.image_encoder_precision,
+        "num_gpus": ns.num_gpus,
+        "sp_size": ns.sp_size,
+        "tp_size": ns.tp_size,
+        "cfg_parallel": ns.cfg_parallel,
     }
     generator = VideoGenerator.from_pretrained(
         ns.model_path, **{k: v for k, v in engine_args.items() if v is not None}
@@ -62,7 +75,7 @@ def _generate(ns: argparse.Namespace) -> int:
     def on_step(progress) -> None:
         bar.update(progress.step - bar.n)
 
-    try:
+    try:  # close() stops the rank processes of a multi-GPU generator
         result = generator.generate_video(
             ns.prompt,
             negative_prompt=ns.negative_prompt,
@@ -80,6 +93,7 @@ def _generate(ns: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
+        generator.close()
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.stage_timings.items())
     print(
         f"wrote {result.video_path} ({result.num_frames} frames, {result.width}x{result.height}, "

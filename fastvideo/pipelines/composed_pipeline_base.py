@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastvideo.distributed.parallel_state import tensor_parallel_coordinates
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.loader.component_loader import load_component
 from fastvideo.models.loader.model_folder import component_specs, read_model_index
@@ -23,6 +25,12 @@ class ComposedPipelineBase(ABC):
     """
 
     _required_config_modules: list[str] = []
+    #: Components built as tensor-parallel shards over the TP group (see
+    #: ``fastvideo.distributed.parallel_state``); every other one is built whole on each rank.
+    #: The TP groups are blocks of the SP/CFG ranks, which already split the DiT's tokens or
+    #: guidance branches, so only a component whose inputs are the same across a TP group
+    #: (the text encoder) may shard its weights over it.
+    _tensor_parallel_modules: tuple[str, ...] = ("text_encoder",)
 
     def __init__(
         self,
@@ -56,10 +64,12 @@ class ComposedPipelineBase(ABC):
                 f"{type(self).__name__} needs components {missing} but "
                 f"{self.model_path / 'model_index.json'} lists only {sorted(specs)}"
             )
-        return {
-            name: load_component(name, *specs[name], self.model_path, fastvideo_args)
-            for name in self.required_config_modules
-        }
+        modules = {}
+        for name in self.required_config_modules:
+            sharded = name in self._tensor_parallel_modules
+            with contextlib.nullcontext() if sharded else tensor_parallel_coordinates(0, 1):
+                modules[name] = load_component(name, *specs[name], self.model_path, fastvideo_args)
+        return modules
 
     def validate_model_index(self, index: dict) -> None:
         """Hook: reject a model folder this pipeline cannot run, before loading anything."""

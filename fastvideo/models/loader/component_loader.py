@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from fastvideo.attention.selector import forced_attention_backend
-from fastvideo.distributed.parallel_state import tensor_parallel_coordinates
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.logger import init_logger
 from fastvideo.models.loader.weight_utils import (
@@ -31,9 +30,6 @@ from fastvideo.models.loader.weight_utils import (
 from fastvideo.models.registry import resolve_model_class, supported_class_names
 
 logger = init_logger(__name__)
-
-#: Components whose layers are split across the tensor-parallel group.
-TENSOR_PARALLEL_COMPONENTS = frozenset({"text_encoder"})
 
 # Auxiliary components with no weights to port (tokenizers, image processors) are loaded by
 # transformers itself; the suffix says which Auto class can stand in for a class name this
@@ -99,21 +95,9 @@ def _load_native(
     config = _read_config(folder, component)
     kwargs = _constructor_kwargs(cls, config, component)
     files = find_safetensors_files(folder, component)
-    # Tensor parallelism is for the text encoder; every other component is built whole on
-    # each rank (the DiT is split by sequence instead), so it must not see the TP layout.
-    tp_layout = (
-        contextlib.nullcontext()
-        if component in TENSOR_PARALLEL_COMPONENTS
-        else tensor_parallel_coordinates(0, 1)
-    )
     # Build directly on the target device in the target dtype: no second copy of the weights.
     try:
-        with (
-            forced_attention_backend(args.attention_backend),
-            _default_dtype(dtype),
-            device,
-            tp_layout,
-        ):
+        with forced_attention_backend(args.attention_backend), _default_dtype(dtype), device:
             model = cls(**kwargs)
     except (TypeError, ValueError) as err:
         # A ``**config`` constructor rejects an unknown config.json key with a TypeError; any

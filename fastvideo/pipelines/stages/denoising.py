@@ -1,15 +1,41 @@
-"""The denoising loop: DiT forward (twice under classifier-free guidance), scheduler step."""
+"""The denoising loop: DiT forward (twice under classifier-free guidance), scheduler step.
+
+Across several ranks (``fastvideo.executor``) every rank runs this loop in lockstep:
+
+- CFG-parallel (CFG world size 2): CFG rank 0 computes the conditional prediction, CFG rank
+  1 the unconditional one, and one all-gather per step gives every rank both, so every rank
+  combines them the same way and holds identical latents. Without guidance
+  (``guidance_scale <= 1``) both halves compute the conditional prediction, with no
+  collective: the redundant pass costs no wall time, as the halves run side by side.
+- Stopping: only rank 0 has the step callback (the executor forwards it to the caller);
+  after every step rank 0 broadcasts its stop decision, so every rank raises
+  ``GenerationCancelled`` after the same step and the group stays in step for the next request.
+
+With one rank this is the plain single-process loop.
+"""
 
 from __future__ import annotations
 
 import time
 
 import torch
+import torch.distributed as dist
 
+from fastvideo.distributed.communication_op import cfg_model_parallel_all_gather
+from fastvideo.distributed.parallel_state import get_cfg_rank, get_cfg_world_size, get_world_size
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch, GenerationCancelled, StepProgress
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.utils.torch_utils import module_dtype
+
+
+def broadcast_stop(stop: bool, device: torch.device) -> bool:
+    """Rank 0's stop decision, on every rank (the identity on a single process)."""
+    if get_world_size() == 1:
+        return stop
+    flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 class DenoisingStage(PipelineStage):
@@ -23,6 +49,19 @@ class DenoisingStage(PipelineStage):
         return self.transformer(
             hidden_states=model_input, timestep=timestep, encoder_hidden_states=text, **kwargs
         )
+
+    def _guided_prediction(self, model_input, timestep, text, negative, image, guidance_scale):
+        if negative is None:
+            return self._predict(model_input, timestep, text, image)
+        if get_cfg_world_size() == 1:
+            noise_pred = self._predict(model_input, timestep, text, image)
+            noise_uncond = self._predict(model_input, timestep, negative, image)
+        else:
+            branch = text if get_cfg_rank() == 0 else negative
+            mine = self._predict(model_input, timestep, branch, image)
+            # (B, ...) from each CFG rank -> (2B, ...): conditional first, then unconditional.
+            noise_pred, noise_uncond = cfg_model_parallel_all_gather(mine, dim=0).chunk(2, dim=0)
+        return noise_uncond + guidance_scale * (noise_pred - noise_uncond)
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         if batch.latents is None or batch.timesteps is None or batch.prompt_embeds is None:
@@ -44,18 +83,17 @@ class DenoisingStage(PipelineStage):
                 model_input = torch.cat([latents, batch.condition_latents], dim=1)
             model_input = model_input.to(dtype)
             timestep = t.expand(latents.shape[0])
-            noise_pred = self._predict(model_input, timestep, text, image)
-            if negative is not None:
-                noise_uncond = self._predict(model_input, timestep, negative, image)
-                noise_pred = noise_uncond + batch.guidance_scale * (noise_pred - noise_uncond)
+            noise_pred = self._guided_prediction(
+                model_input, timestep, text, negative, image, batch.guidance_scale
+            )
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            stop = False
             if batch.callback is not None:
                 progress = StepProgress(
                     index + 1, num_steps, float(t), time.perf_counter() - started
                 )
-                if batch.callback(progress):
-                    raise GenerationCancelled(
-                        f"stopped by the step callback after step {index + 1}"
-                    )
+                stop = bool(batch.callback(progress))
+            if broadcast_stop(stop, latents.device):
+                raise GenerationCancelled(f"stopped by the step callback after step {index + 1}")
         batch.latents = latents
         return batch
