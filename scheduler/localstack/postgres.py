@@ -233,3 +233,16 @@ def _grant_search(path: Path, account: _Account) -> None:
                 "adding o+x to %s so that %s can reach the cluster", directory, account.name
             )
             directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create database ``name`` on the server of ``server_url`` and return its URL."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, delete, event, text, update
+from sqlalchemy import delete, event, update
 
 from scheduler.api.app import create_app
 from scheduler.api.auth import create_api_key
@@ -27,6 +27,7 @@ from scheduler.db.migrate import upgrade
 from scheduler.db.models import Job
 from scheduler.db.session import get_engine, session_scope
 from scheduler.localstack.ports import free_port
+from scheduler.localstack.postgres import create_database
 from scheduler.settings import Settings
 
 T2V, I2V = "tiny-t2v", "tiny-i2v"
@@ -58,12 +59,7 @@ def database_url(request, root: Path) -> str:
         url = f"sqlite:///{root / 'fvb.db'}"
     else:
         server = request.getfixturevalue("postgres_server")
-        name = f"dash_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-        url = server.url.rsplit("/", 1)[0] + f"/{name}"
+        url = create_database(server.url, f"dash_{uuid.uuid4().hex[:12]}")
     upgrade(url)
     return url
 

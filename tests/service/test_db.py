@@ -7,12 +7,13 @@ import uuid
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import create_engine, inspect, select
 
 from scheduler.db import transitions
 from scheduler.db.migrate import downgrade, upgrade
 from scheduler.db.models import Base, Job, JobEvent
 from scheduler.db.session import session_scope
+from scheduler.localstack.postgres import create_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -22,12 +23,7 @@ def db_url(request, tmp_path) -> str:
         url = f"sqlite:///{tmp_path / 'fvb.db'}"
     else:
         server = request.getfixturevalue("postgres_server")
-        name = f"t_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-        url = server.url.rsplit("/", 1)[0] + f"/{name}"
+        url = create_database(server.url, f"t_{uuid.uuid4().hex[:12]}")
     upgrade(url)
     return url
 
