@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fastvideo.attention.sta_mask import SlidingTileConfig
 
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -52,6 +56,11 @@ class FastVideoArgs:
     image_encoder_precision: str | None = None
     #: Force an attention backend by name (e.g. "TORCH_SDPA"); None chooses automatically.
     attention_backend: str | None = None
+    #: Sliding-tile attention (attention_backend="SLIDING_TILE_ATTN"): tile size in latent
+    #: tokens (t, h, w), and window in tiles per axis (odd: (3, 3, 3) reaches one tile on
+    #: each side, clipped at the borders).
+    sta_tile: tuple[int, int, int] = (6, 8, 8)
+    sta_window: tuple[int, int, int] = (3, 3, 3)
     #: Extra per-pipeline options, read by the pipelines that know them.
     pipeline_options: dict = field(default_factory=dict)
 
@@ -89,6 +98,14 @@ class FastVideoArgs:
             from fastvideo.attention.selector import backend_from_name
 
             backend_from_name(self.attention_backend, "attention_backend")
+        sliding_tile = self.sliding_tile_config()
+        self.sta_tile, self.sta_window = sliding_tile.tile, sliding_tile.window
+
+    def sliding_tile_config(self) -> SlidingTileConfig:
+        """``sta_tile`` / ``sta_window`` as the attention layers take them (validated)."""
+        from fastvideo.attention.sta_mask import SlidingTileConfig
+
+        return SlidingTileConfig(tile=self.sta_tile, window=self.sta_window)
 
     def _validate_layout(self) -> None:
         """num_gpus = sp_size x (2 if cfg_parallel else 1), and tp_size divides num_gpus

@@ -40,10 +40,10 @@ def test_environment_variable_with_unknown_name_lists_backends(monkeypatch):
         LocalAttention(num_heads=2, head_size=8)
 
 
-def test_requested_backend_outside_the_layer_list_is_rejected(monkeypatch):
+def test_requested_kernel_outside_the_layer_list_is_rejected(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     with (
-        forced_attention_backend("SLIDING_TILE_ATTN"),
+        forced_attention_backend("FLASH_ATTN"),
         pytest.raises(ValueError, match="supports only"),
     ):
         LocalAttention(
@@ -51,13 +51,17 @@ def test_requested_backend_outside_the_layer_list_is_rejected(monkeypatch):
         )
 
 
-def test_sliding_tile_backend_asked_for_by_name_explains_it_cannot_run(monkeypatch):
+def test_sliding_tile_asked_for_by_name_applies_where_listed_and_others_choose(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    with (
-        forced_attention_backend("SLIDING_TILE_ATTN"),
-        pytest.raises(ValueError, match="no kernel"),
-    ):
-        DistributedAttention(num_heads=2, head_size=8, supported_attention_backends=ALL)
+    with forced_attention_backend("SLIDING_TILE_ATTN"):
+        self_attn = DistributedAttention(num_heads=2, head_size=8, supported_attention_backends=ALL)
+        # Like the DiT's cross-attention to text: a sparse video pattern does not apply.
+        cross_attn = LocalAttention(
+            num_heads=2, head_size=8, supported_attention_backends=(_Backend.TORCH_SDPA,)
+        )
+    assert self_attn.backend.get_enum() is _Backend.SLIDING_TILE_ATTN
+    assert (self_attn.impl.config.tile, self_attn.impl.config.window) == ((6, 8, 8), (3, 3, 3))
+    assert cross_attn.backend.get_enum() is _Backend.TORCH_SDPA
 
 
 def test_fastvideo_args_override_wins_over_environment(monkeypatch):

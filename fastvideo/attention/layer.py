@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvideo.attention.backends.abstract import _Backend
+from fastvideo.attention.backends.abstract import VideoGrid, _Backend
 from fastvideo.attention.ring import ring_attention
 from fastvideo.attention.selector import get_attn_backend
 from fastvideo.attention.sequence_parallel import sp_factorisation
@@ -43,8 +43,32 @@ class LocalAttention(nn.Module):
             num_kv_heads=self.num_kv_heads,
         )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return self.impl.forward(query, key, value)
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        video_grid: VideoGrid | None = None,
+    ) -> torch.Tensor:
+        return self._attend(query, key, value, video_grid)
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        video_grid: VideoGrid | None,
+    ) -> torch.Tensor:
+        """The backend kernel; ``video_grid`` reaches only the backends that lay their
+        pattern over the video (the rest ignore it)."""
+        if not self.impl.needs_video_grid:
+            return self.impl.forward(query, key, value)
+        if video_grid is None:
+            raise ValueError(
+                f"{self.backend.get_enum().name} needs to know where the tokens sit in the "
+                "video, but this layer was called without video_grid="
+            )
+        return self.impl.forward(query, key, value, video_grid=video_grid)
 
     def extra_repr(self) -> str:
         backend = self.backend.get_enum().name
@@ -63,6 +87,10 @@ class DistributedAttention(LocalAttention):
     all-to-all gives each rank a contiguous block of ``ulysses`` slices with H/ulysses heads,
     the backend kernel attends within it when ``ring`` is 1, and ring attention over the
     blocks covers the rest. With one SP rank this is exactly ``LocalAttention``.
+
+    ``video_grid`` describes the whole sequence (all ranks'), for backends whose pattern
+    depends on token positions (sliding-tile). They need the Ulysses-only layout: after the
+    all-to-all each rank holds every token for its heads; the ring path is refused.
     """
 
     def forward(
@@ -71,13 +99,14 @@ class DistributedAttention(LocalAttention):
         key: torch.Tensor,
         value: torch.Tensor,
         seq_len: int | None = None,
+        video_grid: VideoGrid | None = None,
     ) -> torch.Tensor:
         sp = get_sp_world_size()
         if sp == 1:
             if seq_len is not None and seq_len < key.shape[1]:
                 key, value = key[:, :seq_len], value[:, :seq_len]
-            return self.impl.forward(query, key, value)
-        return self._forward_sequence_parallel(query, key, value, seq_len, sp)
+            return self._attend(query, key, value, video_grid)
+        return self._forward_sequence_parallel(query, key, value, seq_len, sp, video_grid)
 
     def _forward_sequence_parallel(
         self,
@@ -86,6 +115,7 @@ class DistributedAttention(LocalAttention):
         value: torch.Tensor,
         seq_len: int | None,
         sp: int,
+        video_grid: VideoGrid | None,
     ) -> torch.Tensor:
         if self.impl.causal or self.num_kv_heads != self.num_heads:
             raise NotImplementedError(
@@ -102,6 +132,13 @@ class DistributedAttention(LocalAttention):
         if not 0 < seq_len <= padded_len:
             raise ValueError(f"seq_len={seq_len} must be in [1, {padded_len}]")
         ulysses, ring = sp_factorisation(sp, self.num_heads)
+        if ring > 1 and self.impl.needs_video_grid:
+            raise ValueError(
+                f"{self.backend.get_enum().name} needs each rank to hold the whole sequence, "
+                f"which only the Ulysses all-to-all gives: sp={sp} over {self.num_heads} heads "
+                f"factors as ulysses={ulysses} x ring={ring}, and the ring path splits the keys "
+                f"across ranks. Use an SP degree that divides the head count {self.num_heads}."
+            )
         ulysses_group, ring_group = get_sp_ulysses_ring_groups(ulysses)
 
         if ulysses > 1:
@@ -113,7 +150,7 @@ class DistributedAttention(LocalAttention):
 
         if ring == 1:
             key, value = kv[0, :, :seq_len], kv[1, :, :seq_len]
-            out = self.impl.forward(query, key, value)
+            out = self._attend(query, key, value, video_grid)
         else:
             if self.impl.dropout_rate:
                 raise NotImplementedError("ring attention does not support dropout")

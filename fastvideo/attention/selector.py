@@ -4,7 +4,9 @@ Order of precedence: a backend forced for the current model build (``FastVideoAr
 attention_backend`` sets it while the loader constructs modules), then the environment
 variable ``FASTVIDEO_ATTENTION_BACKEND``, then the first backend in the layer's supported
 list that can run here. A backend asked for by name that cannot run is an error, never a
-silent fallback.
+silent fallback; an ``opt_in`` backend (a sparse pattern) asked for by name applies to the
+layers that list it, and the others choose automatically. Sliding-tile layers read their tile
+and window the same way: those forced with the backend for the current build, else defaults.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fastvideo.attention.backends.abstract import AttentionBackend, _Backend
 from fastvideo.attention.backends.flash_attn import FlashAttnBackend
 from fastvideo.attention.backends.sdpa import SDPABackend
 from fastvideo.attention.backends.sliding_tile_attn import SlidingTileAttnBackend
+from fastvideo.attention.sta_mask import SlidingTileConfig
 
 ENV_VAR = "FASTVIDEO_ATTENTION_BACKEND"
 
@@ -27,6 +30,7 @@ _BACKENDS: dict[_Backend, type[AttentionBackend]] = {
 }
 
 _forced_backend: _Backend | None = None
+_forced_sliding_tile: SlidingTileConfig | None = None
 
 
 def backend_from_name(name: str | _Backend, source: str) -> _Backend:
@@ -42,17 +46,26 @@ def backend_from_name(name: str | _Backend, source: str) -> _Backend:
 
 
 @contextlib.contextmanager
-def forced_attention_backend(name: str | _Backend | None) -> Iterator[None]:
-    """Layers constructed inside use backend ``name`` (``None`` keeps automatic choice)."""
-    global _forced_backend
-    saved = _forced_backend
+def forced_attention_backend(
+    name: str | _Backend | None, sliding_tile: SlidingTileConfig | None = None
+) -> Iterator[None]:
+    """Layers constructed inside use backend ``name`` (``None`` keeps automatic choice), and
+    sliding-tile layers the tile and window of ``sliding_tile`` (``None``: the defaults)."""
+    global _forced_backend, _forced_sliding_tile
+    saved = _forced_backend, _forced_sliding_tile
     _forced_backend = (
         None if name is None else backend_from_name(name, "FastVideoArgs.attention_backend")
     )
+    _forced_sliding_tile = sliding_tile
     try:
         yield
     finally:
-        _forced_backend = saved
+        _forced_backend, _forced_sliding_tile = saved
+
+
+def sliding_tile_config() -> SlidingTileConfig:
+    """Tile, window and block size for a sliding-tile layer constructed now."""
+    return _forced_sliding_tile or SlidingTileConfig()
 
 
 def _requested_backend() -> tuple[_Backend | None, str]:
@@ -66,6 +79,10 @@ def _requested_backend() -> tuple[_Backend | None, str]:
 
 def get_attn_backend(supported: tuple[_Backend, ...]) -> type[AttentionBackend]:
     requested, source = _requested_backend()
+    if requested is not None and requested not in supported and _BACKENDS[requested].opt_in:
+        # A sparse pattern (sliding-tile) applies to the layers that can lay it, the video
+        # self-attention; the others (cross-attention to text) keep the automatic choice.
+        requested = None
     if requested is not None:
         if requested not in supported:
             raise ValueError(

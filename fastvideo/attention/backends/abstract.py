@@ -2,13 +2,18 @@
 
 A backend is a kernel family (SDPA, flash-attn, sliding-tile...). Layers ask the selector for
 one at construction time and call its implementation with tensors laid out as
-``(batch, seq_len, num_heads, head_size)``.
+``(batch, seq_len, num_heads, head_size)``. Sparse patterns laid over the video (sliding-tile)
+also need to know where each token sits: their implementations set ``needs_video_grid`` and
+the layer passes them a ``VideoGrid``.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -19,7 +24,31 @@ class _Backend(enum.Enum):
     SLIDING_TILE_ATTN = enum.auto()
 
 
+@dataclass(frozen=True)
+class VideoGrid:
+    """Where the tokens of a self-attention sequence sit: ``frames x height x width`` latent
+    tokens (after patching) in (t, h, w) row-major order, then ``extra_tokens`` others (e.g.
+    text) appended at the end."""
+
+    frames: int
+    height: int
+    width: int
+    extra_tokens: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.frames, self.height, self.width)
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.shape) + self.extra_tokens
+
+
 class AttentionImpl(ABC):
+    #: ``forward`` takes ``video_grid=`` (a ``VideoGrid``): the pattern depends on where each
+    #: token sits in the video, and the keys must be the whole sequence (no ring attention).
+    needs_video_grid: ClassVar[bool] = False
+
     def __init__(
         self,
         num_heads: int,

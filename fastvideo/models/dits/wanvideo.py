@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fastvideo.attention import DistributedAttention, LocalAttention
-from fastvideo.attention.backends.abstract import _Backend
+from fastvideo.attention.backends.abstract import VideoGrid, _Backend
 from fastvideo.attention.sequence_parallel import gather_sequence, shard_sequence
 from fastvideo.distributed.communication_op import tensor_model_parallel_all_reduce
 from fastvideo.distributed.parallel_state import (
@@ -118,6 +118,7 @@ class WanSelfAttention(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         seq_len: int | None = None,
+        video_grid: VideoGrid | None = None,
     ) -> torch.Tensor:
         qkv, _ = self.to_qkv(x)
         q, k, v = qkv.chunk(3, dim=-1)
@@ -126,7 +127,7 @@ class WanSelfAttention(nn.Module):
         v = v.unflatten(2, (self.local_heads, -1))
         q = apply_rotary_emb(q, *rotary)
         k = apply_rotary_emb(k, *rotary)
-        out = self.attn(q, k, v, seq_len=seq_len).flatten(2, 3).type_as(q)
+        out = self.attn(q, k, v, seq_len=seq_len, video_grid=video_grid).flatten(2, 3).type_as(q)
         out, _ = self.to_out(out)
         return out
 
@@ -227,13 +228,14 @@ class WanTransformerBlock(nn.Module):
         timestep_proj: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         seq_len: int | None = None,
+        video_grid: VideoGrid | None = None,
     ) -> torch.Tensor:
         # (1, 6, dim) + (B, 6, dim) in float32 -> six (B, 1, dim) modulation vectors.
         shift, scale, gate, c_shift, c_scale, c_gate = (
             self.scale_shift_table + timestep_proj.float()
         ).chunk(6, dim=1)
 
-        attn_out = self.attn1(self.norm1(x, shift, scale), rotary, seq_len)
+        attn_out = self.attn1(self.norm1(x, shift, scale), rotary, seq_len, video_grid)
         x = (x.float() + attn_out * gate).type_as(x)
 
         normed = self.norm2(x.float()).type_as(x) if self.norm2 is not None else x
@@ -458,8 +460,10 @@ class WanTransformer3DModel(nn.Module):
         if image_context is not None:
             context = torch.cat([image_context, context], dim=1)
 
+        # Self-attention's tokens are the whole (t, h, w) grid, row-major, and nothing else.
+        video_grid = VideoGrid(*grid)
         for block in self.blocks:
-            x = block(x, context, timestep_proj, rotary, seq_len)
+            x = block(x, context, timestep_proj, rotary, seq_len, video_grid)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.norm_out(x, shift, scale)

@@ -97,7 +97,11 @@ def _load_native(
     files = find_safetensors_files(folder, component)
     # Build directly on the target device in the target dtype: no second copy of the weights.
     try:
-        with forced_attention_backend(args.attention_backend), _default_dtype(dtype), device:
+        with (
+            forced_attention_backend(args.attention_backend, args.sliding_tile_config()),
+            _default_dtype(dtype),
+            device,
+        ):
             model = cls(**kwargs)
     except (TypeError, ValueError) as err:
         # A ``**config`` constructor rejects an unknown config.json key with a TypeError; any

@@ -1,0 +1,286 @@
+"""Sliding-tile attention (STA) is exact: on CPU in fp32 it equals dense attention under the
+tile/window mask built here from the definition (not from ``sta_mask``), the block mask
+computes exactly the allowed key blocks, a window covering every tile is plain attention,
+and the Wan DiT gives the same result with STA on one process and on SP ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvideo.attention import DistributedAttention, LocalAttention
+from fastvideo.attention.backends.abstract import VideoGrid, _Backend
+from fastvideo.attention.backends.sliding_tile_attn import SlidingTileAttnImpl
+from fastvideo.attention.selector import ENV_VAR, forced_attention_backend
+from fastvideo.attention.sta_mask import SlidingTileConfig, sta_block_sparsity, sta_plan
+from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+from fastvideo.models.loader.component_loader import load_component
+from fastvideo.testing.distributed import run_on_ranks
+from fastvideo.testing.sta_checks import sliding_tile_sp_checks
+
+TOL = 1e-5
+STA = (_Backend.SLIDING_TILE_ATTN, _Backend.TORCH_SDPA)
+
+# (grid, tile, window, extra tokens, block size, kv heads)
+CASES = [
+    ((5, 7, 9), (2, 4, 4), (1, 1, 1), 0, 16, 2),  # partial tiles on every axis
+    ((5, 7, 9), (2, 4, 4), (3, 3, 3), 0, 16, 2),
+    ((5, 7, 9), (2, 4, 4), (3, 5, 5), 0, 16, 2),  # (3, 5, 5): +-2 tiles in h and w
+    ((5, 7, 9), (2, 4, 4), (3, 3, 3), 6, 16, 2),  # text tokens, padded to one block
+    ((5, 7, 9), (2, 4, 4), (1, 1, 1), 37, 16, 1),  # text over three blocks; grouped kv heads
+    ((5, 7, 9), (2, 4, 4), (3, 5, 5), 20, 128, 2),  # default block: tiles padded 32 -> 128
+    ((4, 6, 10), (2, 3, 5), (3, 1, 3), 0, 8, 2),  # tiles of 30 span blocks of 8 unevenly
+    ((7, 4, 3), (6, 8, 8), (3, 3, 3), 3, 128, 2),  # default tile larger than the grid
+]
+
+
+def _ids(case) -> str:
+    grid, tile, window, extra, block, kv_heads = case
+    return f"grid{grid}-tile{tile}-win{window}-extra{extra}-block{block}-kv{kv_heads}"
+
+
+def reference_mask(grid, tile, window, extra: int) -> torch.Tensor:
+    """(N, N) bool, from the definition: video token (t, h, w) lies in tile (t // tt, h // th,
+    w // tw); a query sees a key when their tiles differ by at most (window - 1) / 2 on every
+    axis; the ``extra`` tokens after the video see everything and are seen by everything."""
+    t, h, w = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
+    tiles = torch.stack([t // tile[0], h // tile[1], w // tile[2]], dim=-1).reshape(-1, 3)
+    reach = torch.tensor([(size - 1) // 2 for size in window])
+    video = ((tiles[:, None] - tiles[None]).abs() <= reach).all(dim=-1)
+    n_video = video.shape[0]
+    mask = torch.ones(n_video + extra, n_video + extra, dtype=torch.bool)
+    mask[:n_video, :n_video] = video
+    return mask
+
+
+def masked_attention(q, k, v, mask=None) -> torch.Tensor:
+    """Dense SDPA over (B, S, H, D) under a boolean (S, S) mask (None: plain attention)."""
+    out = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)),
+        attn_mask=mask,
+        enable_gqa=k.shape[2] != q.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def _qkv(num_tokens: int, kv_heads: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, num_tokens, 2, 8, generator=gen)
+    k, v = (torch.randn(2, num_tokens, kv_heads, 8, generator=gen) for _ in range(2))
+    return q, k, v
+
+
+def _sta(config: SlidingTileConfig, kv_heads: int = 2) -> SlidingTileAttnImpl:
+    return SlidingTileAttnImpl(2, 8, 8**-0.5, num_kv_heads=kv_heads, config=config)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_sliding_tile_attention_equals_dense_attention_under_the_tile_window_mask(case):
+    grid, tile, window, extra, block, kv_heads = case
+    video_grid = VideoGrid(*grid, extra_tokens=extra)
+    q, k, v = _qkv(video_grid.num_tokens, kv_heads)
+    out = _sta(SlidingTileConfig(tile, window, block), kv_heads).forward(
+        q, k, v, video_grid=video_grid
+    )
+    expected = masked_attention(q, k, v, reference_mask(grid, tile, window, extra))
+    diff = (out - expected).abs().max().item()
+    print(f"{_ids(case)}: max abs diff {diff:.2e}")
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_block_mask_computes_exactly_the_allowed_blocks_and_never_a_padding_key(case):
+    """What a block-sparse kernel computes: full blocks whole, partial blocks through
+    mask_mod, nothing else (the eager path above applies mask_mod to every pair, so this
+    checks the block lists on their own)."""
+    grid, tile, window, extra, block, _ = case
+    plan = sta_plan(grid, extra, SlidingTileConfig(tile, window, block), torch.device("cpu"))
+    bm = plan.block_mask
+    slots = plan.layout.num_slots
+    computed = torch.zeros(slots, slots, dtype=torch.bool)
+    partial_blocks = 0
+    for qb in range(slots // block):
+        rows = torch.arange(qb * block, (qb + 1) * block)
+        for kb in bm.full_kv_indices[0, 0, qb, : bm.full_kv_num_blocks[0, 0, qb]].tolist():
+            computed[rows[:, None], torch.arange(kb * block, (kb + 1) * block)] = True
+        for kb in bm.kv_indices[0, 0, qb, : bm.kv_num_blocks[0, 0, qb]].tolist():
+            cols = torch.arange(kb * block, (kb + 1) * block)
+            values = bm.mask_mod(0, 0, rows[:, None], cols[None, :])
+            # Partial blocks are the ones holding padding keys: some slots in, some out.
+            assert values.any() and not values.all()
+            computed[rows[:, None], cols[None, :]] = values
+            partial_blocks += 1
+
+    real = plan.layout.slot_of_token
+    padding = torch.ones(slots, dtype=torch.bool)
+    padding[real] = False
+    assert not computed[:, padding].any()
+    assert torch.equal(computed[real][:, real], reference_mask(grid, tile, window, extra))
+    print(f"{_ids(case)}: sparsity {plan.layout.block_sparsity:.3f}, {partial_blocks} partial")
+
+
+@pytest.mark.parametrize("extra", [0, 11])
+def test_window_covering_every_tile_equals_plain_attention(extra):
+    # 5x7x9 in tiles of 2x4x4 is 3x2x3 tiles: a (5, 3, 5) window reaches all from anywhere.
+    video_grid = VideoGrid(5, 7, 9, extra_tokens=extra)
+    q, k, v = _qkv(video_grid.num_tokens)
+    out = _sta(SlidingTileConfig((2, 4, 4), (5, 3, 5), 16)).forward(q, k, v, video_grid=video_grid)
+    diff = (out - masked_attention(q, k, v)).abs().max().item()
+    print(f"extra={extra}: max abs diff vs SDPA {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_block_sparsity_counts_the_skipped_blocks():
+    # 12x16x16 in 6x8x8 tiles: 8 tiles of 384 tokens = 3 blocks each, 24 blocks in all. A
+    # (1, 1, 1) window keeps each tile's own 3x3 block pairs: 72 of 576.
+    assert sta_block_sparsity((12, 16, 16), window=(1, 1, 1)) == pytest.approx(1 - 72 / 576)
+    assert sta_block_sparsity((12, 16, 16), window=(3, 3, 3)) == 0.0
+    # 4x4x4 in 2x2x2 tiles with blocks of 8: 8 tile blocks, then 1 text block. Computed:
+    # the 8 tiles' own pairs, and the text block's row and column (9 + 9 - 1).
+    sparse = sta_block_sparsity((4, 4, 4), (2, 2, 2), (1, 1, 1), extra_tokens=8, block_size=8)
+    assert sparse == pytest.approx(1 - (8 + 17) / 81)
+
+
+def test_block_masks_are_cached_per_grid_config_and_device():
+    config = SlidingTileConfig((2, 4, 4), (3, 3, 3), 16)
+    cpu = torch.device("cpu")
+    first = sta_plan((5, 7, 9), 0, config, cpu)
+    assert sta_plan((5, 7, 9), 0, SlidingTileConfig([2, 4, 4], [3, 3, 3], 16), cpu) is first
+    assert sta_plan((5, 7, 9), 1, config, cpu) is not first
+
+
+def test_sliding_tile_layer_called_without_video_grid_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with forced_attention_backend("SLIDING_TILE_ATTN"):
+        attn = LocalAttention(2, 8, supported_attention_backends=STA)
+    q = torch.randn(1, 8, 2, 8)
+    with pytest.raises(ValueError, match="SLIDING_TILE_ATTN needs to know where the tokens sit"):
+        attn(q, q, q)
+    assert attn(q, q, q, video_grid=VideoGrid(2, 2, 2)).shape == q.shape
+
+
+def test_tile_and_window_must_be_odd_positive_triples():
+    with pytest.raises(ValueError, match=r"sta_window=\(3, 2, 3\) must be three odd positive"):
+        FastVideoArgs.from_kwargs("unused", sta_window=(3, 2, 3))
+    with pytest.raises(ValueError, match=r"sta_tile=\(6, 0, 8\) must be three positive ints"):
+        FastVideoArgs.from_kwargs("unused", sta_tile=(6, 0, 8))
+
+
+def test_fastvideo_args_sta_options_reach_the_layers_even_through_json(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    args = FastVideoArgs.from_kwargs(
+        "unused", attention_backend="sliding_tile_attn", sta_tile=(2, 4, 4), sta_window=(1, 3, 5)
+    )
+    # The multi-rank executor hands the args to its ranks as JSON (tuples become lists).
+    args = FastVideoArgs(**json.loads(json.dumps(dataclasses.asdict(args))))
+    args.validate()
+    with forced_attention_backend(args.attention_backend, args.sliding_tile_config()):
+        attn = DistributedAttention(2, 8, supported_attention_backends=STA)
+    assert attn.backend.get_enum() is _Backend.SLIDING_TILE_ATTN
+    assert attn.impl.config == SlidingTileConfig((2, 4, 4), (1, 3, 5))
+
+
+def test_loader_builds_the_dit_with_sta_in_self_attention_only(tiny_t2v, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    args = FastVideoArgs.from_kwargs(
+        tiny_t2v,
+        device="cpu",
+        attention_backend="SLIDING_TILE_ATTN",
+        sta_tile=(1, 2, 2),
+        sta_window=(3, 1, 3),
+    )
+    dit = load_component("transformer", "diffusers", "WanTransformer3DModel", Path(tiny_t2v), args)
+    for block in dit.blocks:
+        assert block.attn1.attn.backend.get_enum() is _Backend.SLIDING_TILE_ATTN
+        assert block.attn1.attn.impl.config == SlidingTileConfig((1, 2, 2), (3, 1, 3))
+        # Cross-attention to the text has no video layout: it keeps a dense kernel.
+        assert block.attn2.attn.backend.get_enum() is _Backend.TORCH_SDPA
+
+
+# ---------------------------------------------------------------------------------------------
+# The Wan DiT
+# ---------------------------------------------------------------------------------------------
+
+DIT_CONFIG = {
+    "in_channels": 4, "out_channels": 4, "freq_dim": 16, "rope_max_seq_len": 64,
+    "num_attention_heads": 2, "attention_head_dim": 8, "text_dim": 24, "ffn_dim": 40,
+    "num_layers": 2,
+}  # fmt: skip
+# (T, H, W) latents -> token grids (1, 5, 7) = 35 tokens (odd: SP pads it) and (3, 3, 5).
+LATENTS = [(1, 10, 14), (3, 6, 10)]
+# Tiles of 1x2x2 tokens, each query seeing its tile row in h: sparse at both grids.
+SP_STA = SlidingTileConfig((1, 2, 2), (1, 3, 1), 8)
+
+
+@functools.cache
+def _dit_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**DIT_CONFIG)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model.state_dict()
+
+
+def _dit(sliding_tile: SlidingTileConfig | None) -> WanTransformer3DModel:
+    backend = None if sliding_tile is None else "SLIDING_TILE_ATTN"
+    with forced_attention_backend(backend, sliding_tile):
+        model = WanTransformer3DModel(**DIT_CONFIG).eval()
+    model.load_state_dict(_dit_weights())
+    return model
+
+
+def _dit_inputs(latent: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, DIT_CONFIG["in_channels"], *latent, generator=gen)
+    return x, torch.rand(2, generator=gen) * 1000, torch.randn(2, 7, 24, generator=gen)
+
+
+def test_dit_with_a_covering_window_equals_the_dense_dit(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    # Grid 3x3x5 in tiles of 2x2x2 is 2x2x3 tiles; a (3, 3, 5) window covers them all.
+    covering = SlidingTileConfig((2, 2, 2), (3, 3, 5), 16)
+    sta, dense = _dit(covering), _dit(None)
+    assert sta.blocks[0].attn1.attn.backend.get_enum() is _Backend.SLIDING_TILE_ATTN
+    assert dense.blocks[0].attn1.attn.backend.get_enum() is _Backend.TORCH_SDPA
+    inputs = _dit_inputs((3, 6, 10))
+    with torch.no_grad():
+        diff = (sta(*inputs) - dense(*inputs)).abs().max().item()
+        narrow = (_dit(SP_STA)(*inputs) - dense(*inputs)).abs().max().item()
+    print(f"STA DiT (covering window) vs dense DiT: max abs diff {diff:.2e}")
+    assert diff <= TOL
+    assert narrow > 1e-3  # a window that does not cover everything does change the output
+
+
+@functools.cache
+def _sp2_run() -> list[dict]:
+    inputs = [_dit_inputs(latent) for latent in LATENTS]
+    return run_on_ranks(
+        sliding_tile_sp_checks, 2, args=(DIT_CONFIG, _dit_weights(), inputs, SP_STA), sp_size=2
+    )
+
+
+def test_dit_on_two_ulysses_ranks_equals_single_process_sliding_tile_dit(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    model = _dit(SP_STA)
+    for index, latent in enumerate(LATENTS):
+        with torch.no_grad():
+            expected = model(*_dit_inputs(latent))
+        diff = max((rank["dit"][index] - expected).abs().max().item() for rank in _sp2_run())
+        print(f"sp=2 (ulysses 2) STA DiT latent={latent}: max abs diff {diff:.2e}")
+        assert diff <= TOL
+
+
+def test_sliding_tile_on_the_ring_path_is_a_clear_error():
+    for rank in _sp2_run():
+        assert rank["ring_error"] is not None
+        assert "SLIDING_TILE_ATTN needs each rank to hold the whole sequence" in rank["ring_error"]
+        assert "ulysses=1 x ring=2" in rank["ring_error"]
