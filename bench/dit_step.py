@@ -4,7 +4,13 @@ Random weights (speed does not depend on their values), bf16, the shapes of Wan2
   1.3b: 81 frames at 480x832 -> latent 16x21x60x104 (32760 tokens), 30 layers, dim 1536
   14b:  81 frames at 720x1280 -> latent 16x21x90x160 (75600 tokens), 40 layers, dim 5120
 
-Usage: python bench/dit_step.py --shape 1.3b [--repeats 5] [--json out.json]
+Usage: python -m bench.dit_step --shape 1.3b [--repeats 5] [--compile] [--sta 3,3,3]
+                                  [--json out.json]
+
+``--compile`` adds both models with their transformer blocks compiled (regional compile;
+the compile time is reported). ``--sta W`` adds our model with sliding-tile attention,
+tiles of 6x8x8 latent tokens and a window of W tiles per axis, with its block sparsity and
+its difference from our dense output.
 """
 
 from __future__ import annotations
@@ -35,11 +41,25 @@ def _keep_fp32(model: torch.nn.Module, names) -> None:
             param.data = param.data.float()
 
 
-def build_models(shape: str):
-    from diffusers import WanTransformer3DModel as DiffusersWan
-
+def build_ours(shape: str, reference, attention_backend=None, sliding_tile=None):
+    from fastvideo.attention.selector import forced_attention_backend
     from fastvideo.models.dits.wanvideo import WanTransformer3DModel
     from fastvideo.models.loader.weight_utils import load_weights_into_model
+
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"), forced_attention_backend(attention_backend, sliding_tile):
+            ours = WanTransformer3DModel(**COMMON, **SHAPES[shape]["config"]).eval()
+    finally:
+        torch.set_default_dtype(saved)
+    _keep_fp32(ours, ours._keep_in_fp32_modules)
+    load_weights_into_model(ours, reference.state_dict().items(), component="transformer")
+    return ours.requires_grad_(False)
+
+
+def build_models(shape: str):
+    from diffusers import WanTransformer3DModel as DiffusersWan
 
     config = {**COMMON, **SHAPES[shape]["config"]}
     torch.manual_seed(0)
@@ -47,15 +67,7 @@ def build_models(shape: str):
         reference = DiffusersWan(**config).to(torch.bfloat16).eval()
     # What diffusers' from_pretrained(torch_dtype=bf16) does.
     _keep_fp32(reference, reference._keep_in_fp32_modules)
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            ours = WanTransformer3DModel(**config).eval()
-    finally:
-        torch.set_default_dtype(saved)
-    _keep_fp32(ours, ours._keep_in_fp32_modules)
-    load_weights_into_model(ours, reference.state_dict().items(), component="transformer")
+    ours = build_ours(shape, reference)
     return reference.requires_grad_(False), ours.requires_grad_(False)
 
 
@@ -79,6 +91,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1.3b")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compile", action="store_true", help="also time compiled blocks")
+    parser.add_argument("--sta", default=None, help="sliding-tile window, e.g. 3,3,3")
     ns = parser.parse_args()
 
     from diffusers import UniPCMultistepScheduler
@@ -132,7 +146,35 @@ def main() -> None:
         "tokens": frames * height * width // 4,
         "max_abs_diff_vs_diffusers": diff.item(),
     }
-    for label, model, is_ours in (("diffusers", reference, False), ("ours", ours, True)):
+    systems = [("diffusers eager", reference, False), ("ours eager", ours, True)]
+    if ns.sta:
+        from fastvideo.attention.sta_mask import SlidingTileConfig, sta_block_sparsity
+
+        window = tuple(int(w) for w in ns.sta.split(","))
+        config = SlidingTileConfig(tile=(6, 8, 8), window=window)
+        sta = build_ours(ns.shape, reference, "SLIDING_TILE_ATTN", config)
+        grid = (frames, height // 2, width // 2)
+        results["sta_window"] = list(window)
+        results["sta_block_sparsity"] = sta_block_sparsity(grid, config.tile, window)
+        with torch.inference_mode():
+            dense_out = forward(ours, True)().float()
+            sta_out = forward(sta, True)().float()
+        results["sta_max_abs_diff_vs_dense"] = (sta_out - dense_out).abs().max().item()
+        systems.append((f"ours STA {ns.sta}", sta, True))
+    if ns.compile:
+        # Blocks are compiled in place when their turn comes, after every eager figure.
+        systems += [(f"{label.removesuffix(' eager')} compiled", m, o) for label, m, o in systems]
+    labels = []
+    for label, model, is_ours in systems:
+        if label.endswith(" compiled"):
+            started = time.perf_counter()
+            for block in model.blocks:
+                block.compile()
+            with torch.inference_mode():
+                forward(model, is_ours)()
+            torch.cuda.synchronize()
+            results[f"{label}_compile_s"] = time.perf_counter() - started
+        labels.append(label)
         seconds, peak = time_call(forward(model, is_ours), ns.repeats)
         results[f"{label}_forward_s"] = seconds
         results[f"{label}_forward_peak_gib"] = peak
@@ -145,9 +187,9 @@ def main() -> None:
         f"{results['latent']}:\n"
         f"| system | s / forward | s / CFG step | peak GiB |\n| --- | --- | --- | --- |\n"
         + "".join(
-            f"| {label} eager | {results[f'{label}_forward_s']:.3f} | "
+            f"| {label} | {results[f'{label}_forward_s']:.3f} | "
             f"{results[f'{label}_cfg_step_s']:.3f} | {results[f'{label}_forward_peak_gib']:.1f} |\n"
-            for label in ("diffusers", "ours")
+            for label in labels
         )
     )
     if ns.json:
