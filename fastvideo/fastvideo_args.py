@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,11 @@ class FastVideoArgs:
     #: each side, clipped at the borders).
     sta_tile: tuple[int, int, int] = (6, 8, 8)
     sta_window: tuple[int, int, int] = (3, 3, 3)
+    #: TeaCache-style step caching of the DiT (``fastvideo/models/dits/step_cache.py``): a
+    #: step whose accumulated relative change of the modulated input stays below this reuses
+    #: the last computed residual instead of running the blocks. None (default): off; 0.0
+    #: runs every step. Larger is faster and further from the uncached output.
+    step_cache_threshold: float | None = None
     #: Extra per-pipeline options, read by the pipelines that know them.
     pipeline_options: dict = field(default_factory=dict)
 
@@ -98,6 +104,16 @@ class FastVideoArgs:
             from fastvideo.attention.selector import backend_from_name
 
             backend_from_name(self.attention_backend, "attention_backend")
+        threshold = self.step_cache_threshold
+        if threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not math.isfinite(threshold)
+            or threshold < 0
+        ):
+            raise ValueError(
+                f"step_cache_threshold must be None or a finite number >= 0, got {threshold!r}"
+            )
         sliding_tile = self.sliding_tile_config()
         self.sta_tile, self.sta_window = sliding_tile.tile, sliding_tile.window
 

@@ -40,6 +40,7 @@ from fastvideo.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
+from fastvideo.models.dits.step_cache import StepCacheBranch
 from fastvideo.models.dits.wan_embeddings import (
     WanFeedForward,
     WanRotaryPosEmbed,
@@ -244,6 +245,12 @@ class WanTransformerBlock(nn.Module):
         ff_out = self.ffn(self.norm3(x, c_shift, c_scale))
         return (x.float() + ff_out.float() * c_gate).type_as(x)
 
+    def modulated_input(self, x: torch.Tensor, timestep_proj: torch.Tensor) -> torch.Tensor:
+        """What self-attention sees, ``norm1(x) * (1 + scale) + shift``: the step cache's
+        indicator of how much this step's input changed."""
+        shift, scale = (self.scale_shift_table[:, :2] + timestep_proj[:, :2].float()).chunk(2, 1)
+        return self.norm1(x, shift, scale)
+
 
 # ---------------------------------------------------------------------------------------------
 # Model
@@ -416,9 +423,13 @@ class WanTransformer3DModel(nn.Module):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         encoder_hidden_states_image: torch.Tensor | None = None,
+        step_cache: StepCacheBranch | None = None,
     ) -> torch.Tensor:
         """(B, C_in, T, H, W) latents, (B,) timesteps, (B, L, text_dim) text states [, (B, N,
-        image_dim) CLIP image states] -> (B, C_out, T, H, W) prediction."""
+        image_dim) CLIP image states] -> (B, C_out, T, H, W) prediction.
+
+        ``step_cache``: this guidance branch's step-cache state (``step_cache.py``); it may
+        replace the blocks by the residual cached at an earlier step."""
         if hidden_states.ndim != 5 or hidden_states.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"hidden_states must be (B, {self.config.in_channels}, T, H, W), "
@@ -462,8 +473,17 @@ class WanTransformer3DModel(nn.Module):
 
         # Self-attention's tokens are the whole (t, h, w) grid, row-major, and nothing else.
         video_grid = VideoGrid(*grid)
-        for block in self.blocks:
-            x = block(x, context, timestep_proj, rotary, seq_len, video_grid)
+
+        def run_blocks(x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x, context, timestep_proj, rotary, seq_len, video_grid)
+            return x
+
+        if step_cache is None or not self.blocks:
+            x = run_blocks(x)
+        else:
+            indicator = self.blocks[0].modulated_input(x, timestep_proj)
+            x = step_cache.run(x, indicator, run_blocks, seq_len)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = self.norm_out(x, shift, scale)

@@ -12,6 +12,11 @@ Across several ranks (``fastvideo.executor``) every rank runs this loop in locks
   ``GenerationCancelled`` after the same step and the group stays in step for the next request.
 
 With one rank this is the plain single-process loop.
+
+Step caching (``FastVideoArgs.step_cache_threshold``): a fresh ``StepCache`` per request, with
+separate state for the conditional and the unconditional branch (under CFG-parallel each rank
+only ever sees its own branch). Its counters go to ``batch.extra["step_cache"]`` and stay on
+``self.step_cache`` until the next request.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.distributed as dist
 from fastvideo.distributed.communication_op import cfg_model_parallel_all_gather
 from fastvideo.distributed.parallel_state import get_cfg_rank, get_cfg_world_size, get_world_size
 from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.models.dits.step_cache import StepCache
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch, GenerationCancelled, StepProgress
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.utils.torch_utils import module_dtype
@@ -43,9 +49,12 @@ class DenoisingStage(PipelineStage):
         super().__init__()
         self.transformer = transformer
         self.scheduler = scheduler
+        self.step_cache: StepCache | None = None
 
-    def _predict(self, model_input, timestep, text, image) -> torch.Tensor:
+    def _predict(self, model_input, timestep, text, image, branch: str = "cond") -> torch.Tensor:
         kwargs = {"encoder_hidden_states_image": image} if image is not None else {}
+        if self.step_cache is not None:
+            kwargs["step_cache"] = self.step_cache.branch(branch)
         return self.transformer(
             hidden_states=model_input, timestep=timestep, encoder_hidden_states=text, **kwargs
         )
@@ -55,10 +64,16 @@ class DenoisingStage(PipelineStage):
             return self._predict(model_input, timestep, text, image)
         if get_cfg_world_size() == 1:
             noise_pred = self._predict(model_input, timestep, text, image)
-            noise_uncond = self._predict(model_input, timestep, negative, image)
+            noise_uncond = self._predict(model_input, timestep, negative, image, "uncond")
         else:
-            branch = text if get_cfg_rank() == 0 else negative
-            mine = self._predict(model_input, timestep, branch, image)
+            conditional = get_cfg_rank() == 0
+            mine = self._predict(
+                model_input,
+                timestep,
+                text if conditional else negative,
+                image,
+                "cond" if conditional else "uncond",
+            )
             # (B, ...) from each CFG rank -> (2B, ...): conditional first, then unconditional.
             noise_pred, noise_uncond = cfg_model_parallel_all_gather(mine, dim=0).chunk(2, dim=0)
         return noise_uncond + guidance_scale * (noise_pred - noise_uncond)
@@ -76,8 +91,12 @@ class DenoisingStage(PipelineStage):
         image = batch.image_embeds.to(dtype) if batch.image_embeds is not None else None
         latents = batch.latents
         num_steps = len(batch.timesteps)
+        threshold = fastvideo_args.step_cache_threshold
+        self.step_cache = StepCache(threshold, num_steps) if threshold is not None else None
         started = time.perf_counter()
         for index, t in enumerate(batch.timesteps):
+            if self.step_cache is not None:
+                self.step_cache.begin_step(index)
             model_input = latents
             if batch.condition_latents is not None:
                 model_input = torch.cat([latents, batch.condition_latents], dim=1)
@@ -96,4 +115,6 @@ class DenoisingStage(PipelineStage):
             if broadcast_stop(stop, latents.device):
                 raise GenerationCancelled(f"stopped by the step callback after step {index + 1}")
         batch.latents = latents
+        if self.step_cache is not None:
+            batch.extra["step_cache"] = self.step_cache.counters
         return batch
