@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -57,19 +58,21 @@ def _cli_args(model: str, output: Path, *extra: str, **request: object) -> list[
     return [*args, "--device", "cpu", "--no-progress", *extra]
 
 
-def _decode(path: Path) -> tuple[np.ndarray, av.video.stream.VideoStream]:
-    """All frames of the mp4 as (T, H, W, 3) float in [0, 1], and its video stream."""
+def _decode(path: Path) -> tuple[np.ndarray, str, Fraction]:
+    """All frames of the mp4 as (T, H, W, 3) float in [0, 1], its codec and frame rate (read
+    while the container is open: a stream's fields are not valid after it closes)."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    return np.stack(frames).astype(np.float32) / 255.0, stream
+        codec, rate = stream.codec_context.name, stream.average_rate
+    return np.stack(frames).astype(np.float32) / 255.0, codec, rate
 
 
 def _assert_mp4(path: Path, num_frames: int, height: int, width: int, fps: int) -> np.ndarray:
     assert path.is_file()
-    frames, stream = _decode(path)
-    assert stream.codec_context.name == "h264"
-    assert stream.average_rate == fps
+    frames, codec, rate = _decode(path)
+    assert codec == "h264"
+    assert rate == fps
     assert frames.shape == (num_frames, height, width, 3)
     return frames
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,13 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.time_base = Fraction(1, fps)
         stream.options = {"crf": str(crf)}
-        for frame in data:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        for index, frame in enumerate(data):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            # Explicit timestamps: frame i at i/fps, so players read exactly `fps`.
+            video_frame.pts, video_frame.time_base = index, Fraction(1, fps)
+            for packet in stream.encode(video_frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
