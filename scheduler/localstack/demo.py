@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def _sample_image() -> bytes:
 
 def run_demo(data_dir: Path, output_dir: Path, device: str | None = None) -> list[DemoVideo]:
     from openai import OpenAI
+
+    # The SDK marks its videos methods deprecated (for OpenAI's own service, not this API).
+    warnings.filterwarnings("ignore", message="The Sora API", category=DeprecationWarning)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     videos = []

@@ -37,8 +37,12 @@ class StackInfo:
 
 def _demo_models_config(data_dir: Path) -> Path:
     """Build the tiny random-weight models (once) and a models config naming them."""
+    from diffusers.utils import logging as diffusers_logging
+
     from fastvideo.testing.tiny_wan import TinyWanConfig, save_tiny_wan
     from scheduler.models_config import write_models_config
+
+    diffusers_logging.disable_progress_bar()  # tiny files: the bars would only be noise
 
     models = {}
     for name, i2v in (("tiny-wan-t2v", False), ("tiny-wan-i2v", True)):
