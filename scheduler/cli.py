@@ -26,6 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", type=Path, default=Path(".fvb"))
     up.add_argument("--postgres", action="store_true", help="embedded PostgreSQL, not SQLite")
     up.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    up.add_argument("--gpus", default=None, help="the worker's GPU group, e.g. 0,1")
     up.add_argument("--api-port", type=int, default=None)
     up.add_argument("--models-config", type=Path, default=None)
     up.add_argument("--workers", type=int, default=1)
@@ -57,6 +58,7 @@ def _up(ns: argparse.Namespace) -> int:
         data_dir=ns.data_dir,
         postgres=ns.postgres,
         device=ns.device,
+        gpus=ns.gpus,
         api_port=ns.api_port,
         models_config=ns.models_config,
         workers=ns.workers,

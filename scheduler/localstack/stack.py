@@ -69,6 +69,8 @@ class LocalStack:
     postgres: bool = False
     #: "cpu" or "cuda"; default: the GPU when there is one.
     device: str | None = None
+    #: The worker's GPU group, e.g. "0,1" for one worker that runs each job on two GPUs.
+    gpus: str | None = None
     api_port: int | None = None
     models_config: Path | None = None
     workers: int = 1
@@ -121,9 +123,10 @@ class LocalStack:
         cli = [sys.executable, "-m", "scheduler.cli"]
         api = self._spawn("api", [*cli, "api"], child_env)
         self._spawn("scheduler", [*cli, "scheduler"], child_env)
-        device = ["--device", self.device] if self.device else []
+        placement = ["--device", self.device] if self.device else []
+        placement += ["--gpus", self.gpus] if self.gpus else []
         for index in range(self.workers):
-            self._spawn(f"worker-{index}", [*cli, "worker", *device], child_env)
+            self._spawn(f"worker-{index}", [*cli, "worker", *placement], child_env)
         api_url = f"http://127.0.0.1:{api_port}"
         _wait_http_ok(f"{api_url}/healthz", api, timeout=60)
         return StackInfo(
