@@ -10,7 +10,7 @@ from diffusers import AutoencoderKLWan as DiffusersWanVAE
 from fastvideo.models.vaes.tiling import TileConfig, TileGrid, decode_tiled
 from fastvideo.models.vaes.wanvae import AutoencoderKLWan
 from fastvideo.testing.distributed import run_on_ranks
-from fastvideo.testing.vae_checks import decode_on_rank
+from fastvideo.testing.vae_checks import decode_on_rank, random_vae_pair
 
 TOL = 1e-5
 
@@ -40,17 +40,7 @@ def _model_pair(name: str) -> tuple[DiffusersWanVAE, AutoencoderKLWan]:
     """diffusers reference with random weights (gains and biases moved off their defaults)
     and ours loaded from its state_dict (cached)."""
     if name not in _models:
-        torch.manual_seed(0)
-        reference = DiffusersWanVAE(**CONFIGS[name]).eval()
-        with torch.no_grad():
-            for key, param in reference.named_parameters():
-                if key.endswith("gamma"):
-                    param.uniform_(0.5, 1.5)
-                elif key.endswith("bias"):
-                    param.normal_(0.0, 0.2)
-        ours = AutoencoderKLWan(**CONFIGS[name]).eval()
-        ours.load_state_dict(reference.state_dict(), strict=True)
-        _models[name] = (reference, ours)
+        _models[name] = random_vae_pair(CONFIGS[name])
     return _models[name]
 
 

@@ -5,6 +5,7 @@ import torch
 from diffusers import AutoencoderKLWan as DiffusersWanVAE
 
 from fastvideo.models.vaes.wanvae import AutoencoderKLWan
+from fastvideo.testing.vae_checks import random_vae_pair
 
 TOL = 1e-5
 
@@ -38,25 +39,10 @@ CONFIGS = {
 _models: dict[str, tuple[DiffusersWanVAE, AutoencoderKLWan]] = {}
 
 
-def _randomize_(model: torch.nn.Module) -> None:
-    """Move RMSNorm gains and biases off their defaults so a misplaced gain or bias shows."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gamma"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.2)
-
-
 def _model_pair(name: str) -> tuple[DiffusersWanVAE, AutoencoderKLWan]:
     """diffusers reference with random weights and ours loaded from its state_dict (cached)."""
     if name not in _models:
-        torch.manual_seed(0)
-        reference = DiffusersWanVAE(**CONFIGS[name]).eval()
-        _randomize_(reference)
-        ours = AutoencoderKLWan(**CONFIGS[name]).eval()
-        ours.load_state_dict(reference.state_dict(), strict=True)
-        _models[name] = (reference, ours)
+        _models[name] = random_vae_pair(CONFIGS[name])
     return _models[name]
 
 

@@ -45,3 +45,23 @@ def decode_on_rank(
             video = vae.decode(z)
         results.append((video, calls))
     return results
+
+
+def random_vae_pair(config: dict):
+    """A diffusers ``AutoencoderKLWan`` with random weights (norm gains and biases moved off
+    their defaults, so a misplaced one shows) and ours loaded from its state_dict."""
+    from diffusers import AutoencoderKLWan as DiffusersWanVAE
+
+    from fastvideo.models.vaes.wanvae import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    reference = DiffusersWanVAE(**config).eval()
+    with torch.no_grad():
+        for key, param in reference.named_parameters():
+            if key.endswith("gamma"):
+                param.uniform_(0.5, 1.5)
+            elif key.endswith("bias"):
+                param.normal_(0.0, 0.2)
+    ours = AutoencoderKLWan(**config).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return reference, ours
