@@ -1,9 +1,11 @@
-"""A worker that owns a group of (here: CPU) ranks: models with ``gpus = 2`` run each job on
-two long-lived rank processes, laid out by the model's ``pipeline_options``.
+"""A worker that owns a group of ranks: models with ``gpus = 2`` run each job on two
+long-lived rank processes, laid out by the model's ``pipeline_options``.
 
-One real Celery worker (``python -m worker.main --device cpu``), real Valkey, S3 (SeaweedFS)
-and SQLite. ``tiny-sp2`` splits the tokens over two ranks (sequence parallel), ``slow-cfg2``
-splits classifier-free guidance (one rank per branch) and is slow enough to cancel mid-way.
+One real Celery worker, real Valkey, S3 (SeaweedFS) and SQLite. Every test runs twice: on CPU
+ranks over gloo (``python -m worker.main --device cpu``, in ``make test``) and on two GPUs over
+NCCL (``--gpus 0,1``; skipped without two CUDA devices, run on the GPU machine). ``tiny-sp2``
+splits the tokens over two ranks (sequence parallel), ``slow-cfg2`` splits classifier-free
+guidance (one rank per branch) and is slow enough to cancel mid-way.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+import torch
 from sqlalchemy import select
 
 from scheduler.db import transitions
@@ -38,9 +41,19 @@ from .test_worker import (
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, valkey_server, s3_server, tiny_t2v, slow_model) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("multi-gpu-worker")
+TWO_GPUS = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
+)
+DEVICE_ARGS = {"cpu": ("--device", "cpu"), "cuda": ("--gpus", "0,1")}
+# A GPU runs SLOW's steps in milliseconds; 16x the tokens keep the cancel mid-denoising there.
+SLOW_JOB = {"cpu": SLOW, "cuda": {**SLOW, "width": 256, "height": 256}}
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=TWO_GPUS)])
+def stack(
+    request, tmp_path_factory, valkey_server, s3_server, tiny_t2v, slow_model
+) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp(f"multi-gpu-worker-{request.param}")
     pool = f"mg{uuid.uuid4().hex[:8]}"
     config = tmp / "models.toml"
     config.write_text(
@@ -66,7 +79,11 @@ def stack(tmp_path_factory, valkey_server, s3_server, tiny_t2v, slow_model) -> I
     client = s3_server.client()
     client.create_bucket(Bucket=settings.s3_bucket)
     stack = Stack(
-        settings=settings, workers=start_workers(settings, tmp, 1), s3=s3_server, client=client
+        settings=settings,
+        workers=start_workers(settings, tmp, 1, device_args=DEVICE_ARGS[request.param]),
+        s3=s3_server,
+        client=client,
+        device=request.param,
     )
     try:
         yield stack
@@ -121,7 +138,7 @@ def test_two_rank_job_renders_through_the_service_path(stack):
 
 
 def test_cancel_reaches_every_rank_within_two_steps_and_the_ranks_serve_the_next_job(stack):
-    job_id = stack.submit("slow-cfg2", prompt="waves on a rocky shore", **SLOW)
+    job_id = stack.submit("slow-cfg2", prompt="waves on a rocky shore", **SLOW_JOB[stack.device])
     steps_of = {s * 95 // SLOW_STEPS: s for s in range(SLOW_STEPS + 1)}
     asked: list[int] = []
 

@@ -89,14 +89,20 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def start_workers(
-    settings: Settings, log_dir: Path, count: int, name: str = ""
+    settings: Settings,
+    log_dir: Path,
+    count: int,
+    name: str = "",
+    device_args: tuple[str, ...] = ("--device", "cpu"),
 ) -> list[WorkerProcess]:
+    """``count`` real Celery workers (``python -m worker.main``) of the settings' pool; by
+    default on the CPU, ``device_args=("--gpus", "0,1")`` gives each one that GPU group."""
     workers = []
     for index in range(count):
         log_path = log_dir / f"worker-{settings.worker_pool}-{name or index}.log"
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "worker.main", "--device", "cpu"],
+                [sys.executable, "-m", "worker.main", *device_args],
                 cwd=REPO,
                 env=settings_env(settings),
                 stdin=subprocess.DEVNULL,
@@ -134,6 +140,7 @@ class Stack:
     workers: list[WorkerProcess]
     s3: Any  # S3Service
     client: Any = field(repr=False)  # boto3 S3 client
+    device: str = "cpu"  # where the workers render: "cpu" or "cuda"
 
     @property
     def url(self) -> str:
