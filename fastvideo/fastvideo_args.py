@@ -67,6 +67,10 @@ class FastVideoArgs:
     #: the last computed residual instead of running the blocks. None (default): off; 0.0
     #: runs every step. Larger is faster and further from the uncached output.
     step_cache_threshold: float | None = None
+    #: Compile the DiT's transformer blocks with ``torch.compile`` (``fastvideo.models.
+    #: compile``): the first step at each resolution pays the compile (about a minute for
+    #: Wan2.1), every later step runs faster than eager.
+    enable_torch_compile: bool = False
     #: Extra per-pipeline options, read by the pipelines that know them.
     pipeline_options: dict = field(default_factory=dict)
 
@@ -104,6 +108,10 @@ class FastVideoArgs:
             from fastvideo.attention.selector import backend_from_name
 
             backend_from_name(self.attention_backend, "attention_backend")
+        if not isinstance(self.enable_torch_compile, bool):
+            raise ValueError(
+                f"enable_torch_compile must be True or False, got {self.enable_torch_compile!r}"
+            )
         threshold = self.step_cache_threshold
         if threshold is not None and (
             isinstance(threshold, bool)

@@ -15,6 +15,10 @@ from fastvideo.testing.tiny_wan import TinyWanConfig, save_tiny_wan
 
 # Two CPU cores in CI: more threads only contend.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+if not torch.cuda.is_available():
+    # Without a GPU, Triton kernels that tests force on run in Triton's interpreter. Set before
+    # anything imports triton (torch.compile does): triton reads it once.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

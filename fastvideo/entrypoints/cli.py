@@ -43,10 +43,37 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run the two guidance branches on separate GPU groups",
     )
+    gen.add_argument(
+        "--enable-torch-compile",
+        action="store_true",
+        default=None,
+        help="compile the DiT blocks (the first step pays about a minute, later ones run faster)",
+    )
+    gen.add_argument(
+        "--sta-window",
+        default=None,
+        help="sliding-tile window in tiles per axis, e.g. 3,3,3 (with --attention-backend "
+        "SLIDING_TILE_ATTN)",
+    )
+    gen.add_argument(
+        "--step-cache-threshold",
+        type=float,
+        default=None,
+        help="skip DiT forwards whose input changed less than this (TeaCache-style); default off",
+    )
     for component in ("dit", "vae", "text-encoder", "image-encoder"):
         gen.add_argument(f"--{component}-precision", choices=list(PRECISIONS), default=None)
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+def _triple(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} must be three comma-separated ints, got {text!r}") from None
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -66,6 +93,9 @@ def _generate(ns: argparse.Namespace) -> int:
         "sp_size": ns.sp_size,
         "tp_size": ns.tp_size,
         "cfg_parallel": ns.cfg_parallel,
+        "enable_torch_compile": ns.enable_torch_compile,
+        "sta_window": _triple(ns.sta_window, "--sta-window"),
+        "step_cache_threshold": ns.step_cache_threshold,
     }
     generator = VideoGenerator.from_pretrained(
         ns.model_path, **{k: v for k, v in engine_args.items() if v is not None}

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvideo.layers.fused_ops import layer_norm_scale_shift
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension.
@@ -44,6 +46,8 @@ class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm evaluated in float32 and cast back: bf16 statistics drift over long sequences."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) == 1:  # one fused pass on CUDA
+            return layer_norm_scale_shift(x, self.eps, weight=self.weight, bias=self.bias)
         orig_dtype = x.dtype
         return F.layer_norm(
             x.float(),
@@ -62,4 +66,5 @@ class LayerNormScaleShift(nn.Module):
         self.norm = FP32LayerNorm(hidden_size, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return (self.norm(x.float()) * (1 + scale) + shift).to(x.dtype)
+        norm = self.norm
+        return layer_norm_scale_shift(x, norm.eps, shift, scale, norm.weight, norm.bias)

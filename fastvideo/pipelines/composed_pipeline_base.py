@@ -11,6 +11,7 @@ import torch
 
 from fastvideo.distributed.parallel_state import tensor_parallel_coordinates
 from fastvideo.fastvideo_args import FastVideoArgs
+from fastvideo.models.compile import compile_blocks
 from fastvideo.models.loader.component_loader import load_component
 from fastvideo.models.loader.model_folder import component_specs, read_model_index
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
@@ -31,6 +32,8 @@ class ComposedPipelineBase(ABC):
     #: guidance branches, so only a component whose inputs are the same across a TP group
     #: (the text encoder) may shard its weights over it.
     _tensor_parallel_modules: tuple[str, ...] = ("text_encoder",)
+    #: Modules whose transformer blocks ``FastVideoArgs.enable_torch_compile`` compiles.
+    _compiled_modules: tuple[str, ...] = ("transformer", "transformer_2")
 
     def __init__(
         self,
@@ -69,6 +72,10 @@ class ComposedPipelineBase(ABC):
             sharded = name in self._tensor_parallel_modules
             with contextlib.nullcontext() if sharded else tensor_parallel_coordinates(0, 1):
                 modules[name] = load_component(name, *specs[name], self.model_path, fastvideo_args)
+        if fastvideo_args.enable_torch_compile:
+            for name in self._compiled_modules:
+                if name in modules:
+                    compile_blocks(modules[name])
         return modules
 
     def validate_model_index(self, index: dict) -> None:

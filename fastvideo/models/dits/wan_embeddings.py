@@ -72,13 +72,6 @@ class WanRotaryPosEmbed(nn.Module):
         return cos, sin
 
 
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of (B, S, H, D) by float32 angles."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
-
-
 # ---------------------------------------------------------------------------------------------
 # Condition embedding: timestep, text, image
 # ---------------------------------------------------------------------------------------------

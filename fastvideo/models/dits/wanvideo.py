@@ -32,6 +32,7 @@ from fastvideo.distributed.parallel_state import (
     get_tp_rank,
     get_tp_world_size,
 )
+from fastvideo.layers.fused_ops import gated_residual, rms_norm_rotary
 from fastvideo.layers.layernorm import FP32LayerNorm, LayerNormScaleShift, RMSNorm
 from fastvideo.layers.linear import (
     ColumnParallelLinear,
@@ -40,12 +41,12 @@ from fastvideo.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
+from fastvideo.layers.rotary import apply_interleaved_rotary
 from fastvideo.models.dits.step_cache import StepCacheBranch
 from fastvideo.models.dits.wan_embeddings import (
     WanFeedForward,
     WanRotaryPosEmbed,
     WanTimeTextImageEmbedding,
-    apply_rotary_emb,
 )
 
 # The Wan2.1 text encoder (umT5) context is always padded to 512 tokens. diffusers' I2V
@@ -123,11 +124,19 @@ class WanSelfAttention(nn.Module):
     ) -> torch.Tensor:
         qkv, _ = self.to_qkv(x)
         q, k, v = qkv.chunk(3, dim=-1)
-        q = self.norm_q(q).unflatten(2, (self.local_heads, -1))
-        k = self.norm_k(k).unflatten(2, (self.local_heads, -1))
         v = v.unflatten(2, (self.local_heads, -1))
-        q = apply_rotary_emb(q, *rotary)
-        k = apply_rotary_emb(k, *rotary)
+        if self.norm_q.tp_size == 1:
+            # One pass per q / k: norm, rotation, and heads laid out for attention.
+            eps = self.norm_q.variance_epsilon
+            q = rms_norm_rotary(q, self.norm_q.weight, eps, *rotary, self.local_heads)
+            k = rms_norm_rotary(k, self.norm_k.weight, eps, *rotary, self.local_heads)
+        else:  # the norm's statistics need an all-reduce over the TP ranks first
+            q = apply_interleaved_rotary(
+                self.norm_q(q).unflatten(2, (self.local_heads, -1)), *rotary
+            )
+            k = apply_interleaved_rotary(
+                self.norm_k(k).unflatten(2, (self.local_heads, -1)), *rotary
+            )
         out = self.attn(q, k, v, seq_len=seq_len, video_grid=video_grid).flatten(2, 3).type_as(q)
         out, _ = self.to_out(out)
         return out
@@ -237,13 +246,13 @@ class WanTransformerBlock(nn.Module):
         ).chunk(6, dim=1)
 
         attn_out = self.attn1(self.norm1(x, shift, scale), rotary, seq_len, video_grid)
-        x = (x.float() + attn_out * gate).type_as(x)
+        x = gated_residual(x, attn_out, gate)
 
-        normed = self.norm2(x.float()).type_as(x) if self.norm2 is not None else x
+        normed = self.norm2(x) if self.norm2 is not None else x  # float32 norm, cast back
         x = x + self.attn2(normed, context)
 
         ff_out = self.ffn(self.norm3(x, c_shift, c_scale))
-        return (x.float() + ff_out.float() * c_gate).type_as(x)
+        return gated_residual(x, ff_out, c_gate)
 
     def modulated_input(self, x: torch.Tensor, timestep_proj: torch.Tensor) -> torch.Tensor:
         """What self-attention sees, ``norm1(x) * (1 + scale) + shift``: the step cache's

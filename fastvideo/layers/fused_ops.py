@@ -1,0 +1,149 @@
+"""DiT elementwise steps with a fused Triton kernel on CUDA and the PyTorch chain elsewhere.
+
+Each function here is the reference chain in PyTorch ops (what the model computes on CPU, under
+autograd and under ``torch.compile``, whose Inductor fuses the chain itself) and dispatches to
+the one-pass kernel of ``triton_kernels`` where it applies: CUDA tensors in the layout the
+kernel reads, no autograd, Triton installed. ``FASTVIDEO_FUSED_KERNELS=0`` turns the kernels
+off; ``fused_kernels(True)`` forces them (tests run them on CPU through Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from fastvideo.layers.rotary import apply_interleaved_rotary
+
+_ENV = "FASTVIDEO_FUSED_KERNELS"
+_forced: bool | None = None
+
+
+@functools.cache
+def _kernels() -> ModuleType | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from fastvideo.layers import triton_kernels
+
+    return triton_kernels
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool) -> Iterator[None]:
+    """Force the kernels on (any device, given Triton) or off within the block."""
+    global _forced
+    saved, _forced = _forced, enabled
+    try:
+        yield
+    finally:
+        _forced = saved
+
+
+def _use_kernels(*tensors: torch.Tensor | None) -> bool:
+    present = [t for t in tensors if t is not None]
+    if _forced is False or (_forced is None and os.environ.get(_ENV, "1") == "0"):
+        return False
+    if _forced is None and not present[0].is_cuda:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return _kernels() is not None
+
+
+def _row_vector(t: torch.Tensor | None, batch: int, dim: int) -> bool:
+    """A float32 (batch or 1, 1, dim) modulation vector with unit last stride."""
+    return t is None or (
+        t.dtype == torch.float32
+        and t.ndim == 3
+        and t.shape[0] in (1, batch)
+        and t.shape[1:] == (1, dim)
+        and t.stride(-1) == 1
+    )
+
+
+def layer_norm_scale_shift(
+    x: torch.Tensor,
+    eps: float,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(layer_norm(x.float(), weight, bias) * (1 + scale) + shift).to(x.dtype)`` over the last
+    dim; without shift/scale just the float32 layer norm cast back. shift/scale: (B|1, 1, D)."""
+    if (shift is None) != (scale is None):
+        raise ValueError("shift and scale come together")
+    if (
+        _use_kernels(x, shift, scale, weight, bias)
+        and x.ndim == 3
+        and x.is_contiguous()
+        and _row_vector(shift, x.shape[0], x.shape[2])
+        and _row_vector(scale, x.shape[0], x.shape[2])
+        and (shift is None or shift.stride(0) == scale.stride(0) or x.shape[0] == 1)
+        and (weight is None) == (bias is None)
+        and (weight is None or (weight.is_contiguous() and bias.is_contiguous()))
+    ):
+        return _kernels().layer_norm_modulate(x, eps, weight, bias, shift, scale)
+    y = F.layer_norm(
+        x.float(),
+        x.shape[-1:],
+        weight.float() if weight is not None else None,
+        bias.float() if bias is not None else None,
+        eps,
+    )
+    if shift is not None:
+        y = y * (1 + scale) + shift
+    return y.to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``(x.float() + y.float() * gate).to(x.dtype)``: a residual branch added back, scaled by
+    the float32 (B|1, 1, D) modulation gate."""
+    if (
+        _use_kernels(x, y, gate)
+        and x.ndim == 3
+        and x.shape == y.shape
+        and x.is_contiguous()
+        and y.is_contiguous()
+        and _row_vector(gate, x.shape[0], x.shape[2])
+    ):
+        return _kernels().gated_residual(x, y, gate)
+    return (x.float() + y.float() * gate).to(x.dtype)
+
+
+def rms_norm_rotary(
+    src: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """(B, S, H*D) -> RMSNorm over the H*D features (weight cast to src's dtype, as
+    ``F.rms_norm`` gets it), heads split out, interleaved pairs rotated by float32 ``cos`` /
+    ``sin`` of shape (1, S, 1, D/2): a (B, S, H, D) tensor in src's dtype."""
+    batch, rows, inner = src.shape
+    cos2, sin2 = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+    if (
+        _use_kernels(src, weight, cos, sin)
+        and src.stride(-1) == 1
+        and (batch == 1 or src.stride(0) == rows * src.stride(1))
+        and weight.is_contiguous()
+        and weight.numel() == inner
+        and inner % (2 * num_heads) == 0
+        and cos2.shape == sin2.shape == (rows, inner // num_heads // 2)
+        and cos2.dtype == sin2.dtype == torch.float32
+        and cos2.is_contiguous()
+        and sin2.is_contiguous()
+    ):
+        return _kernels().rms_norm_rotary(src, weight, cos2, sin2, num_heads, eps)
+    normed = F.rms_norm(src, (inner,), weight.to(src.dtype), eps)
+    return apply_interleaved_rotary(normed.unflatten(2, (num_heads, -1)), cos, sin)

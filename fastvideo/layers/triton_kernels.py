@@ -1,0 +1,205 @@
+"""Triton kernels for the memory-bound steps of a DiT block, one pass over the activations each.
+
+Each replaces a chain of PyTorch elementwise ops that materialises float32 copies of the whole
+activation several times (the DiT's "everything but attention and matmuls" time). Numerics
+follow the unfused chain: statistics and arithmetic in float32, rounding to the activation
+dtype exactly where the chain rounds. Call them through ``fastvideo.layers.fused_ops``, which
+checks layouts and falls back to PyTorch where a kernel does not apply (CPU, autograd,
+``torch.compile``, tensor parallelism).
+
+Importing this module needs ``triton``. With ``TRITON_INTERPRET=1`` set before the import the
+kernels run on CPU tensors through Triton's interpreter, which is how the CPU test suite
+checks them against the PyTorch chain.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+@triton.jit
+def _layer_norm_modulate_kernel(
+    x_ptr,
+    out_ptr,
+    weight_ptr,
+    bias_ptr,
+    shift_ptr,
+    scale_ptr,
+    rows_per_batch,
+    dim,
+    mod_batch_stride,
+    eps,
+    HAS_AFFINE: tl.constexpr,
+    HAS_MODULATION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < dim
+    x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / dim
+    centred = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centred * centred, axis=0) / dim
+    y = centred * tl.rsqrt(var + eps)
+    if HAS_AFFINE:
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * weight + bias
+    if HAS_MODULATION:
+        batch = row // rows_per_batch
+        scale = tl.load(scale_ptr + batch * mod_batch_stride + cols, mask=mask, other=0.0)
+        shift = tl.load(shift_ptr + batch * mod_batch_stride + cols, mask=mask, other=0.0)
+        y = y * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+    tl.store(out_ptr + row * dim + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_norm_modulate(
+    x: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(layer_norm(x.float()) [* weight + bias]) [* (1 + scale) + shift]`` cast to x.dtype.
+
+    ``x``: contiguous (B, S, D). ``shift`` / ``scale``: (B or 1, 1, D) with unit last stride,
+    equal batch strides (chunks of one (B, k, D) table are). ``weight`` / ``bias``: (D,)."""
+    batch, rows, dim = x.shape
+    out = torch.empty_like(x)
+    has_mod = shift is not None
+    mod_stride = 0
+    if has_mod and shift.shape[0] > 1:
+        mod_stride = shift.stride(0)
+    block = triton.next_power_of_2(dim)
+    _layer_norm_modulate_kernel[(batch * rows,)](
+        x,
+        out,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        shift if has_mod else x,
+        scale if has_mod else x,
+        rows,
+        dim,
+        mod_stride,
+        eps,
+        HAS_AFFINE=weight is not None,
+        HAS_MODULATION=has_mod,
+        BLOCK=block,
+        num_warps=_warps(block),
+    )
+    return out
+
+
+@triton.jit
+def _gated_residual_kernel(
+    x_ptr,
+    y_ptr,
+    gate_ptr,
+    out_ptr,
+    rows_per_batch,
+    dim,
+    gate_batch_stride,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < dim
+    x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    batch = row // rows_per_batch
+    gate = tl.load(gate_ptr + batch * gate_batch_stride + cols, mask=mask, other=0.0)
+    out = x + y * gate.to(tl.float32)
+    tl.store(out_ptr + row * dim + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``(x.float() + y.float() * gate).to(x.dtype)``: x, y contiguous (B, S, D), gate
+    (B or 1, 1, D) float32 with unit last stride."""
+    batch, rows, dim = x.shape
+    out = torch.empty_like(x)
+    gate_stride = gate.stride(0) if gate.shape[0] > 1 else 0
+    block = min(triton.next_power_of_2(dim), 2048)
+    grid = (batch * rows, triton.cdiv(dim, block))
+    _gated_residual_kernel[grid](
+        x, y, gate, out, rows, dim, gate_stride, BLOCK=block, num_warps=_warps(block)
+    )
+    return out
+
+
+@triton.jit
+def _rms_norm_rotary_kernel(
+    src_ptr,
+    out_ptr,
+    weight_ptr,
+    cos_ptr,
+    sin_ptr,
+    src_row_stride,
+    rows_per_batch,
+    inner,
+    half_head_dim,
+    eps,
+    BLOCK_PAIRS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    token = row % rows_per_batch
+    pairs = tl.arange(0, BLOCK_PAIRS)
+    mask = pairs < inner // 2
+    src = src_ptr + row * src_row_stride + 2 * pairs
+    even = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(even * even + odd * odd, axis=0) / inner + eps)
+    w_even = tl.load(weight_ptr + 2 * pairs, mask=mask, other=0.0).to(tl.float32)
+    w_odd = tl.load(weight_ptr + 2 * pairs + 1, mask=mask, other=0.0).to(tl.float32)
+    # RMSNorm's output is rounded to the activation dtype before the rotation reads it.
+    dtype = out_ptr.dtype.element_ty
+    even = (even * rstd * w_even).to(dtype).to(tl.float32)
+    odd = (odd * rstd * w_odd).to(dtype).to(tl.float32)
+    freq = token * half_head_dim + pairs % half_head_dim
+    cos = tl.load(cos_ptr + freq, mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + freq, mask=mask, other=0.0)
+    dst = out_ptr + row * inner + 2 * pairs
+    tl.store(dst, (even * cos - odd * sin).to(dtype), mask=mask)
+    tl.store(dst + 1, (even * sin + odd * cos).to(dtype), mask=mask)
+
+
+def rms_norm_rotary(
+    src: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """RMSNorm over all heads' features of each token, then the interleaved-pair rotation by
+    float32 angles, as ``apply_interleaved_rotary(rms_norm(src).unflatten(2, (H, -1)), cos, sin)``.
+
+    ``src``: (B, S, H*D) with unit last stride (a column slice of the fused q/k/v output is
+    fine); ``weight``: (H*D,); ``cos`` / ``sin``: contiguous float32 (S, D/2). Returns a
+    contiguous (B, S, H, D) tensor in src's dtype."""
+    batch, rows, inner = src.shape
+    out = torch.empty(
+        batch, rows, num_heads, inner // num_heads, dtype=src.dtype, device=src.device
+    )
+    block = triton.next_power_of_2(inner // 2)
+    _rms_norm_rotary_kernel[(batch * rows,)](
+        src,
+        out,
+        weight,
+        cos,
+        sin,
+        src.stride(1),
+        rows,
+        inner,
+        inner // num_heads // 2,
+        eps,
+        BLOCK_PAIRS=block,
+        num_warps=_warps(block),
+    )
+    return out

@@ -1,0 +1,148 @@
+"""The fused Triton kernels (``fastvideo/layers/triton_kernels.py``) equal the PyTorch chains
+they replace.
+
+On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter
+(``TRITON_INTERPRET=1``, set by ``conftest.py``), in float32: within 1e-5 of
+the chain, op by op and for a whole DiT forward. On a GPU the same tests run the compiled
+kernels, plus a bf16 check.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastvideo.layers import fused_ops
+from fastvideo.layers.fused_ops import fused_kernels
+from fastvideo.models.dits.wan_embeddings import WanRotaryPosEmbed
+
+pytest.importorskip("triton", reason="the kernels need triton (a dev dependency on Linux x86-64)")
+CUDA = torch.cuda.is_available()
+assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET"
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def both(fn, *args, **kwargs):
+    """fn's result with the kernels forced on, and with the PyTorch chain."""
+    with fused_kernels(True):
+        fused = fn(*args, **kwargs)
+    with fused_kernels(False):
+        chain = fn(*args, **kwargs)
+    return fused, chain
+
+
+def assert_close(fused: torch.Tensor, chain: torch.Tensor, atol: float = 1e-5) -> None:
+    assert fused.shape == chain.shape and fused.dtype == chain.dtype
+    assert not fused.isnan().any()
+    diff = (fused.float() - chain.float()).abs().max().item()
+    assert diff <= atol, diff
+
+
+def test_kernels_are_used_only_where_they_apply(monkeypatch):
+    x = torch.randn(1, 4, 8)
+    calls = []
+    kernels = fused_ops._kernels()
+    real = kernels.gated_residual
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "gated_residual", spy)
+    fused_ops.gated_residual(x, x, torch.ones(1, 1, 8))
+    assert calls == []  # CPU tensors take the PyTorch chain unless forced
+    with fused_kernels(True):
+        fused_ops.gated_residual(x, x, torch.ones(1, 1, 8))
+        assert len(calls) == 1
+        grad_x = x.clone().requires_grad_()
+        fused_ops.gated_residual(grad_x, x, torch.ones(1, 1, 8))  # autograd: the chain
+        assert len(calls) == 1
+        fused_ops.gated_residual(x, x, torch.ones(1, 1, 8, dtype=torch.float64))  # not f32
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("batch,rows,dim", [(2, 37, 96), (1, 50, 100), (3, 5, 1536)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_scale_shift(batch, rows, dim, affine):
+    gen = torch.Generator().manual_seed(dim)
+    x = (torch.randn(batch, rows, dim, generator=gen) * 3 + 1).to(DEVICE)
+    table = torch.randn(batch, 6, dim, generator=gen).to(DEVICE)
+    shift, scale = table[:, 0:1], table[:, 1:2]  # strided chunks, as the DiT block makes them
+    weight = bias = None
+    if affine:
+        weight = torch.randn(dim, generator=gen).to(DEVICE)
+        bias = torch.randn(dim, generator=gen).to(DEVICE)
+    fused, chain = both(fused_ops.layer_norm_scale_shift, x, 1e-6, shift, scale, weight, bias)
+    assert_close(fused, chain)
+    fused, chain = both(fused_ops.layer_norm_scale_shift, x, 1e-6, weight=weight, bias=bias)
+    assert_close(fused, chain)
+    # A (1, 1, D) modulation broadcast over the batch.
+    fused, chain = both(fused_ops.layer_norm_scale_shift, x, 1e-6, shift[:1], scale[:1])
+    assert_close(fused, chain)
+
+
+@pytest.mark.parametrize("batch,rows,dim", [(2, 37, 96), (1, 9, 3000)])
+def test_gated_residual(batch, rows, dim):
+    gen = torch.Generator().manual_seed(rows)
+    x, y = (torch.randn(batch, rows, dim, generator=gen).to(DEVICE) for _ in range(2))
+    gate = torch.randn(batch, 6, dim, generator=gen).to(DEVICE)[:, 2:3]
+    assert_close(*both(fused_ops.gated_residual, x, y, gate))
+    assert_close(*both(fused_ops.gated_residual, x, y, gate[:1]))
+
+
+@pytest.mark.parametrize("heads,head_dim,grid", [(2, 24, (2, 3, 5)), (12, 128, (3, 4, 4))])
+def test_rms_norm_rotary_on_a_fused_qkv_slice(heads, head_dim, grid):
+    gen = torch.Generator().manual_seed(heads)
+    inner = heads * head_dim
+    rows = grid[0] * grid[1] * grid[2]
+    qkv = torch.randn(2, rows, 3 * inner, generator=gen).to(DEVICE)
+    q, k, _ = qkv.chunk(3, dim=-1)  # column slices: row stride 3 * inner
+    weight = torch.randn(inner, generator=gen).to(DEVICE)
+    cos, sin = WanRotaryPosEmbed(head_dim, 1024)(grid, torch.device(DEVICE))
+    for src in (q, k):
+        fused, chain = both(fused_ops.rms_norm_rotary, src, weight, 1e-6, cos, sin, heads)
+        assert fused.shape == (2, rows, heads, head_dim) and fused.is_contiguous()
+        assert_close(fused, chain)
+
+
+def test_whole_dit_forward_with_and_without_kernels():
+    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=24,
+        freq_dim=16,
+        ffn_dim=40,
+        num_layers=2,
+    ).to(DEVICE)
+    latents = torch.randn(2, 4, 3, 6, 10, device=DEVICE)
+    text = torch.randn(2, 7, 24, device=DEVICE)
+    timestep = torch.tensor([999.0, 500.0], device=DEVICE)
+    with torch.inference_mode():
+        fused, chain = both(model, latents, timestep, text)
+    assert_close(fused, chain)
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 kernels are checked on a GPU")
+def test_bf16_kernels_round_like_the_chain():
+    """bf16 activations, float32 statistics and modulation: the kernels round once, where the
+    chain rounds, so results agree to one bf16 unit in the last place (FMA contraction and
+    reduction order move a float32 intermediate across a rounding boundary at most)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4096, 1536, generator=gen).cuda().bfloat16()
+    y = torch.randn(1, 4096, 1536, generator=gen).cuda().bfloat16()
+    table = torch.randn(1, 6, 1536, generator=gen).cuda()
+    shift, scale, gate = table[:, 0:1], table[:, 1:2], table[:, 2:3]
+    for fused, chain in (
+        both(fused_ops.layer_norm_scale_shift, x, 1e-6, shift, scale),
+        both(fused_ops.gated_residual, x, y, gate),
+    ):
+        ulp = chain.float().abs().clamp(min=2**-126) * 2**-7
+        assert ((fused.float() - chain.float()).abs() <= ulp).all()
+        assert (fused == chain).float().mean() > 0.99
