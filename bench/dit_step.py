@@ -5,17 +5,20 @@ Random weights (speed does not depend on their values), bf16, the shapes of Wan2
   14b:  81 frames at 720x1280 -> latent 16x21x90x160 (75600 tokens), 40 layers, dim 5120
 
 Usage: python -m bench.dit_step --shape 1.3b [--repeats 5] [--compile] [--sta 3,3,3]
-                                  [--json out.json]
+                                  [--ablation] [--profile] [--json out.json]
 
 ``--compile`` adds both models with their transformer blocks compiled (regional compile;
 the compile time is reported). ``--sta W`` adds our model with sliding-tile attention,
 tiles of 6x8x8 latent tokens and a window of W tiles per axis, with its block sparsity and
-its difference from our dense output.
+its difference from our dense output. ``--ablation`` adds ours with the fused Triton kernels
+off (``fastvideo.layers.fused_ops``), ``--profile`` the CUDA kernel time of one eager forward
+of each, split into attention, matrix multiplies and everything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -31,7 +34,20 @@ SHAPES = {
         config=dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
         latent=(21, 90, 160),
     ),
+    # CPU smoke test only (tests/test_bench_smoke.py): every code path, tiny sizes.
+    "tiny": dict(
+        config=dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2),
+        latent=(3, 8, 12),
+    ),
 }
+DEVICE = "cuda"  # --device cpu for the smoke test
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 COMMON = dict(in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2))
 
 
@@ -49,7 +65,7 @@ def build_ours(shape: str, reference, attention_backend=None, sliding_tile=None)
     saved = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"), forced_attention_backend(attention_backend, sliding_tile):
+        with torch.device(DEVICE), forced_attention_backend(attention_backend, sliding_tile):
             ours = WanTransformer3DModel(**COMMON, **SHAPES[shape]["config"]).eval()
     finally:
         torch.set_default_dtype(saved)
@@ -63,7 +79,7 @@ def build_models(shape: str):
 
     config = {**COMMON, **SHAPES[shape]["config"]}
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         reference = DiffusersWan(**config).to(torch.bfloat16).eval()
     # What diffusers' from_pretrained(torch_dtype=bf16) does.
     _keep_fp32(reference, reference._keep_in_fp32_modules)
@@ -71,19 +87,45 @@ def build_models(shape: str):
     return reference.requires_grad_(False), ours.requires_grad_(False)
 
 
+def kernel_breakdown(fn) -> dict[str, float]:
+    """CUDA kernel milliseconds of one call of ``fn``: attention, matmul, other."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    totals = {"attention_ms": 0.0, "matmul_ms": 0.0, "other_ms": 0.0}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        ms = event.self_device_time_total / 1e3
+        if ms <= 0:
+            continue
+        if any(k in name for k in ("flash", "fmha", "sdpa", "attention", "flex")):
+            totals["attention_ms"] += ms
+        elif any(k in name for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")):
+            totals["matmul_ms"] += ms
+        else:
+            totals["other_ms"] += ms
+    return {k: round(v, 1) for k, v in totals.items()}
+
+
 def time_call(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
     """Median seconds over ``repeats`` calls after ``warmup``, and peak GiB allocated."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+    return statistics.median(times), peak
 
 
 def main() -> None:
@@ -93,17 +135,26 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--compile", action="store_true", help="also time compiled blocks")
     parser.add_argument("--sta", default=None, help="sliding-tile window, e.g. 3,3,3")
+    parser.add_argument("--step-repeats", type=int, default=3, help="CFG steps timed")
+    parser.add_argument("--no-cfg-step", action="store_true", help="time forwards only")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--ablation", action="store_true", help="also ours without kernels")
+    parser.add_argument("--profile", action="store_true", help="kernel time breakdown")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ns = parser.parse_args()
-
+    global DEVICE
+    DEVICE = ns.device
     from diffusers import UniPCMultistepScheduler
+
+    from fastvideo.layers.fused_ops import fused_kernels
 
     reference, ours = build_models(ns.shape)
     frames, height, width = SHAPES[ns.shape]["latent"]
-    gen = torch.Generator("cuda").manual_seed(0)
-    latents = torch.randn(1, 16, frames, height, width, device="cuda", generator=gen)
-    text = torch.randn(1, 512, 4096, device="cuda", generator=gen).bfloat16()
-    negative = torch.randn(1, 512, 4096, device="cuda", generator=gen).bfloat16()
-    timestep = torch.tensor([999.0], device="cuda")
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    latents = torch.randn(1, 16, frames, height, width, device=DEVICE, generator=gen)
+    text = torch.randn(1, 512, 4096, device=DEVICE, generator=gen).bfloat16()
+    negative = torch.randn(1, 512, 4096, device=DEVICE, generator=gen).bfloat16()
+    timestep = torch.tensor([999.0], device=DEVICE)
 
     def forward(model, is_ours):
         def run():
@@ -119,7 +170,7 @@ def main() -> None:
         scheduler = UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
         )
-        scheduler.set_timesteps(50, device="cuda")
+        scheduler.set_timesteps(50, device=DEVICE)
 
         def run():
             with torch.inference_mode():
@@ -139,7 +190,7 @@ def main() -> None:
     with torch.inference_mode():
         diff = (forward(ours, True)().float() - forward(reference, False)().float()).abs().max()
     results = {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         "torch": torch.__version__,
         "shape": ns.shape,
         "latent": [16, frames, height, width],
@@ -147,6 +198,8 @@ def main() -> None:
         "max_abs_diff_vs_diffusers": diff.item(),
     }
     systems = [("diffusers eager", reference, False), ("ours eager", ours, True)]
+    if ns.ablation:
+        systems.append(("ours eager, fused kernels off", ours, True))
     if ns.sta:
         from fastvideo.attention.sta_mask import SlidingTileConfig, sta_block_sparsity
 
@@ -163,24 +216,38 @@ def main() -> None:
         systems.append((f"ours STA {ns.sta}", sta, True))
     if ns.compile:
         # Blocks are compiled in place when their turn comes, after every eager figure.
-        systems += [(f"{label.removesuffix(' eager')} compiled", m, o) for label, m, o in systems]
+        systems += [
+            (f"{label.removesuffix(' eager')} compiled", m, o)
+            for label, m, o in systems
+            if "kernels off" not in label
+        ]
     labels = []
     for label, model, is_ours in systems:
+        if ns.profile and not label.endswith(" compiled"):
+            with fused_kernels(False) if "kernels off" in label else contextlib.nullcontext():
+                results[f"{label}_kernels"] = kernel_breakdown(forward(model, is_ours))
+            print(label, results[f"{label}_kernels"], flush=True)
         if label.endswith(" compiled"):
             started = time.perf_counter()
             for block in model.blocks:
                 block.compile()
             with torch.inference_mode():
                 forward(model, is_ours)()
-            torch.cuda.synchronize()
+            sync()
             results[f"{label}_compile_s"] = time.perf_counter() - started
         labels.append(label)
-        seconds, peak = time_call(forward(model, is_ours), ns.repeats)
-        results[f"{label}_forward_s"] = seconds
-        results[f"{label}_forward_peak_gib"] = peak
-        seconds, peak = time_call(full_step(model, is_ours), ns.repeats)
-        results[f"{label}_cfg_step_s"] = seconds
-        results[f"{label}_cfg_step_peak_gib"] = peak
+        with fused_kernels(False) if "kernels off" in label else contextlib.nullcontext():
+            seconds, peak = time_call(forward(model, is_ours), ns.repeats, ns.warmup)
+            results[f"{label}_forward_s"] = seconds
+            results[f"{label}_forward_peak_gib"] = peak
+            if not ns.no_cfg_step:
+                seconds, peak = time_call(full_step(model, is_ours), ns.step_repeats, 1)
+                results[f"{label}_cfg_step_s"] = seconds
+                results[f"{label}_cfg_step_peak_gib"] = peak
+        print(label, f"{results[f'{label}_forward_s']:.3f} s / forward", flush=True)
+        if ns.json:  # partial results survive a run cut short
+            with open(ns.json, "w") as f:
+                json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
     print(
         f"\n{results['gpu']}, torch {results['torch']}, Wan2.1-{ns.shape} shape "
@@ -188,7 +255,8 @@ def main() -> None:
         f"| system | s / forward | s / CFG step | peak GiB |\n| --- | --- | --- | --- |\n"
         + "".join(
             f"| {label} | {results[f'{label}_forward_s']:.3f} | "
-            f"{results[f'{label}_cfg_step_s']:.3f} | {results[f'{label}_forward_peak_gib']:.1f} |\n"
+            f"{results.get(f'{label}_cfg_step_s', float('nan')):.3f} | "
+            f"{results[f'{label}_forward_peak_gib']:.1f} |\n"
             for label in labels
         )
     )

