@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 # The fused kernels first: if they fail here, every figure below is taken without them.
 if ! CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_fused_ops.py tests/test_sliding_tile_attention.py >"$OUT/gpu0.log" 2>&1; then
+    tests/test_fused_ops.py >"$OUT/gpu0.log" 2>&1; then
   echo "FUSED KERNEL TESTS FAILED: benchmarks run with FASTVIDEO_FUSED_KERNELS=0" | tee -a "$OUT/gpu0.log"
   export FASTVIDEO_FUSED_KERNELS=0
 fi
@@ -29,10 +29,10 @@ tail -3 "$OUT/gpu0.log"
   {
     timeout 60 python3 -m fastvideo.testing.random_wan "$B" --cached --size 1.3b | grep -E 'wan2|write_s'
     timeout 90 python3 -m bench.vae --repeats 2 --json "$OUT/vae.json"
-    timeout 200 python3 -m bench.quality --build-dir "$B" --steps 20 --prompts 2 \
+    timeout 240 python3 -m bench.quality --build-dir "$B" --steps 20 --prompts 2 \
       --configs dense,sta:3.3.3,cache:0.08,cache:0.15 --json "$OUT/quality.json"
-    timeout 100 python3 -m bench.e2e --build-dir "$B" --steps 10 --no-mp4 --json "$OUT/e2e.json"
-    timeout 150 python3 -m bench.dit_step --shape 14b --no-cfg-step --repeats 3 --warmup 1 \
+    timeout 90 python3 -m bench.e2e --build-dir "$B" --steps 10 --json "$OUT/e2e.json"
+    timeout 120 python3 -m bench.dit_step --shape 14b --no-cfg-step --repeats 3 --warmup 1 \
       --json "$OUT/dit_14b.json"
   } >"$OUT/gpu1.log" 2>&1
 ) &

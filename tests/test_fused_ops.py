@@ -41,7 +41,6 @@ def assert_close(fused: torch.Tensor, chain: torch.Tensor, atol: float = 1e-5) -
 
 
 def test_kernels_are_used_only_where_they_apply(monkeypatch):
-    x = torch.randn(1, 4, 8)
     calls = []
     kernels = fused_ops._kernels()
     real = kernels.gated_residual
@@ -51,16 +50,28 @@ def test_kernels_are_used_only_where_they_apply(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(kernels, "gated_residual", spy)
-    fused_ops.gated_residual(x, x, torch.ones(1, 1, 8))
+    x, gate = torch.randn(1, 4, 8), torch.ones(1, 1, 8)
+    fused_ops.gated_residual(x, x, gate)
     assert calls == []  # CPU tensors take the PyTorch chain unless forced
+    x, gate = x.to(DEVICE), gate.to(DEVICE)
     with fused_kernels(True):
-        fused_ops.gated_residual(x, x, torch.ones(1, 1, 8))
+        fused_ops.gated_residual(x, x, gate)
         assert len(calls) == 1
         grad_x = x.clone().requires_grad_()
-        fused_ops.gated_residual(grad_x, x, torch.ones(1, 1, 8))  # autograd: the chain
+        fused_ops.gated_residual(grad_x, x, gate)  # autograd: the chain
         assert len(calls) == 1
-        fused_ops.gated_residual(x, x, torch.ones(1, 1, 8, dtype=torch.float64))  # not f32
+        fused_ops.gated_residual(x, x, gate.double())  # not a float32 gate: the chain
         assert len(calls) == 1
+    with fused_kernels(False):
+        fused_ops.gated_residual(x, x, gate)
+        assert len(calls) == 1
+    monkeypatch.setenv("FASTVIDEO_FUSED_KERNELS", "0")
+    fused_ops.gated_residual(x, x, gate)
+    assert len(calls) == 1
+    if CUDA:  # CUDA tensors take the kernels by default
+        monkeypatch.delenv("FASTVIDEO_FUSED_KERNELS")
+        fused_ops.gated_residual(x, x, gate)
+        assert len(calls) == 2
 
 
 @pytest.mark.parametrize("batch,rows,dim", [(2, 37, 96), (1, 50, 100), (3, 5, 1536)])
