@@ -21,6 +21,7 @@ only ever sees its own branch). Its counters go to ``batch.extra["step_cache"]``
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -33,6 +34,8 @@ from fastvideo.models.dits.step_cache import StepCache
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch, GenerationCancelled, StepProgress
 from fastvideo.pipelines.stages.base import PipelineStage
 from fastvideo.utils.torch_utils import module_dtype
+
+logger = logging.getLogger(__name__)
 
 
 def broadcast_stop(stop: bool, device: torch.device) -> bool:
@@ -50,6 +53,7 @@ class DenoisingStage(PipelineStage):
         self.transformer = transformer
         self.scheduler = scheduler
         self.step_cache: StepCache | None = None
+        self._compiled_shapes: set[tuple[int, ...]] = set()
 
     def _predict(self, model_input, timestep, text, image, branch: str = "cond") -> torch.Tensor:
         kwargs = {"encoder_hidden_states_image": image} if image is not None else {}
@@ -77,6 +81,18 @@ class DenoisingStage(PipelineStage):
             # (B, ...) from each CFG rank -> (2B, ...): conditional first, then unconditional.
             noise_pred, noise_uncond = cfg_model_parallel_all_gather(mine, dim=0).chunk(2, dim=0)
         return noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+
+    def _report_first_compiled_step(self, latents: torch.Tensor, seconds: float) -> None:
+        """Log the first step at each latent shape of a compiled DiT: it includes the compile."""
+        shape = tuple(latents.shape)
+        if shape not in self._compiled_shapes:
+            self._compiled_shapes.add(shape)
+            logger.info(
+                "torch.compile: first step at latent %s took %.1f s (compile included; "
+                "later steps and requests at this shape reuse it)",
+                shape,
+                seconds,
+            )
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         if batch.latents is None or batch.timesteps is None or batch.prompt_embeds is None:
@@ -112,6 +128,8 @@ class DenoisingStage(PipelineStage):
                     index + 1, num_steps, float(t), time.perf_counter() - started
                 )
                 stop = bool(batch.callback(progress))
+            if index == 0 and fastvideo_args.enable_torch_compile:
+                self._report_first_compiled_step(latents, time.perf_counter() - started)
             if broadcast_stop(stop, latents.device):
                 raise GenerationCancelled(f"stopped by the step callback after step {index + 1}")
         batch.latents = latents
