@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ablation", action="store_true", help="also ours without kernels")
     parser.add_argument("--profile", action="store_true", help="kernel time breakdown")
+    parser.add_argument("--sta-only", action="store_true", help="with --sta: only the STA rows")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ns = parser.parse_args()
     global DEVICE
@@ -198,6 +199,8 @@ def main() -> None:
         "max_abs_diff_vs_diffusers": diff.item(),
     }
     systems = [("diffusers eager", reference, False), ("ours eager", ours, True)]
+    if ns.sta_only:
+        systems = []
     if ns.ablation:
         systems.append(("ours eager, fused kernels off", ours, True))
     if ns.sta:

@@ -142,18 +142,25 @@ def test_whole_dit_forward_with_and_without_kernels():
 
 @pytest.mark.skipif(not CUDA, reason="bf16 kernels are checked on a GPU")
 def test_bf16_kernels_round_like_the_chain():
-    """bf16 activations, float32 statistics and modulation: the kernels round once, where the
-    chain rounds, so results agree to one bf16 unit in the last place (FMA contraction and
-    reduction order move a float32 intermediate across a rounding boundary at most)."""
+    """bf16 activations, float32 statistics and modulation: both sides compute a float32
+    value and round it to bf16 once. Their float32 values differ by a few float32 units of the
+    operands' magnitude (reduction order, FMA contraction), so the bf16 results agree to one
+    bf16 unit of the result, plus that float32 slack where the sum cancels to near zero."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 4096, 1536, generator=gen).cuda().bfloat16()
     y = torch.randn(1, 4096, 1536, generator=gen).cuda().bfloat16()
     table = torch.randn(1, 6, 1536, generator=gen).cuda()
     shift, scale, gate = table[:, 0:1], table[:, 1:2], table[:, 2:3]
-    for fused, chain in (
-        both(fused_ops.layer_norm_scale_shift, x, 1e-6, shift, scale),
-        both(fused_ops.gated_residual, x, y, gate),
-    ):
-        ulp = chain.float().abs().clamp(min=2**-126) * 2**-7
-        assert ((fused.float() - chain.float()).abs() <= ulp).all()
+    normed = torch.nn.functional.layer_norm(x.float(), (1536,), eps=1e-6)
+    cases = (
+        (
+            both(fused_ops.layer_norm_scale_shift, x, 1e-6, shift, scale),
+            (normed * (1 + scale)).abs() + shift.abs(),
+        ),
+        (both(fused_ops.gated_residual, x, y, gate), x.float().abs() + (y.float() * gate).abs()),
+    )
+    for (fused, chain), magnitude in cases:
+        bound = chain.float().abs() * 2**-7 + magnitude * 2**-20
+        diff = (fused.float() - chain.float()).abs()
+        assert (diff <= bound).all(), (diff - bound).max().item()
         assert (fused == chain).float().mean() > 0.99

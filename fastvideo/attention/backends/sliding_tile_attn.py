@@ -9,12 +9,18 @@ attention_backend="SLIDING_TILE_ATTN"`` with ``sta_tile`` / ``sta_window``, or t
 Kernels: on CUDA ``torch.compile(flex_attention)``, which skips the masked blocks. Elsewhere
 FlexAttention's unfused reference path, which materialises the whole score matrix: exact and
 fine for the small CPU shapes tests use (compiling on CPU costs ~15 s per shape).
+
+``FASTVIDEO_FLEX_KERNEL_OPTIONS`` (JSON, e.g. ``{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps":
+8}``) passes FlexAttention's ``kernel_options`` on CUDA; ``bench/sta_kernel.py`` times the
+candidates at a shape. Block sizes must divide the block mask's 128.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+import os
 import warnings
 
 import torch
@@ -35,10 +41,26 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
+@functools.cache
+def _kernel_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"FASTVIDEO_FLEX_KERNEL_OPTIONS is not JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise ValueError("FASTVIDEO_FLEX_KERNEL_OPTIONS must be a JSON object")
+    return options
+
+
 def _flex_attention(query, key, value, **kwargs) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     if query.is_cuda:
+        options = _kernel_options(os.environ.get("FASTVIDEO_FLEX_KERNEL_OPTIONS"))
+        if options is not None:
+            kwargs["kernel_options"] = options
         return _compiled_flex_attention()(query, key, value, **kwargs)
     with warnings.catch_warnings():
         # The unfused path is the intended one off CUDA; its "use torch.compile" hint is noise.

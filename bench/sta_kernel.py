@@ -1,0 +1,117 @@
+"""Sliding-tile attention alone: FlexAttention ``kernel_options`` candidates against dense SDPA.
+
+One attention call at the Wan2.1-1.3B shape (12 heads x 128, latent 21x30x52 tokens after
+patching, 32,760 tokens), bf16, 6x8x8 tiles, a (3, 3, 3) window: median ms of 10 calls after
+warm-up (each candidate compiles its own kernel first), against
+``F.scaled_dot_product_attention`` (cuDNN) on the same tensors, and the max difference from
+the default candidate's output. The fastest candidate is printed as the JSON to put in
+``FASTVIDEO_FLEX_KERNEL_OPTIONS``.
+
+    python -m bench.sta_kernel [--window 3,3,3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+CANDIDATES = (
+    None,  # FlexAttention's own choice
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "USE_TMA": True},
+)
+
+
+def median_ms(fn, repeats: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from fastvideo.attention.sta_mask import SlidingTileConfig, sta_plan
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--window", default="3,3,3")
+    parser.add_argument("--json", default=None)
+    ns = parser.parse_args()
+    window = tuple(int(w) for w in ns.window.split(","))
+    grid, heads, dim = (21, 30, 52), 12, 128
+    config = SlidingTileConfig(tile=(6, 8, 8), window=window)
+    plan = sta_plan(grid, 0, config, torch.device("cuda"))
+    n = grid[0] * grid[1] * grid[2]
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(1, n, heads, dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+        for _ in range(3)
+    )
+    qt, kt, vt = (plan.to_tile_major(t) for t in (q, k, v))
+    dense = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    results = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "window": list(window),
+        "block_sparsity": plan.layout.block_sparsity,
+        "dense_sdpa_ms": median_ms(lambda: F.scaled_dot_product_attention(*dense)),
+        "candidates": [],
+    }
+    # One compile per candidate: lift Dynamo's recompile limit (8 by default) above their count.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    compiled = torch.compile(flex_attention)
+    reference = None
+    for options in CANDIDATES:
+        kwargs = {"block_mask": plan.block_mask}
+        if options is not None:
+            kwargs["kernel_options"] = options
+        row = {"kernel_options": options}
+        try:
+            started = time.perf_counter()
+            out = compiled(qt, kt, vt, **kwargs)
+            torch.cuda.synchronize()
+            row["compile_s"] = time.perf_counter() - started
+            row["ms"] = median_ms(lambda kwargs=kwargs: compiled(qt, kt, vt, **kwargs))
+            reference = out if reference is None else reference
+            row["max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
+        except Exception as err:  # a candidate the kernel rejects at this shape
+            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        results["candidates"].append(row)
+        print(json.dumps(row), flush=True)
+    timed = [r for r in results["candidates"] if "ms" in r]
+    best = min(timed, key=lambda r: r["ms"])
+    results["best"] = best["kernel_options"]
+    print(
+        f"\n{results['gpu']}, torch {results['torch']}, window {window}, block sparsity "
+        f"{results['block_sparsity']:.3f}: dense SDPA {results['dense_sdpa_ms']:.2f} ms"
+    )
+    print("| kernel_options | ms | vs dense | compile s |\n| --- | --- | --- | --- |")
+    for r in timed:
+        print(
+            f"| {json.dumps(r['kernel_options'])} | {r['ms']:.2f} | "
+            f"{results['dense_sdpa_ms'] / r['ms']:.2f}x | {r['compile_s']:.1f} |"
+        )
+    print("BEST", json.dumps(best["kernel_options"]))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
