@@ -126,10 +126,14 @@ class WanSelfAttention(nn.Module):
         q, k, v = qkv.chunk(3, dim=-1)
         v = v.unflatten(2, (self.local_heads, -1))
         if self.norm_q.tp_size == 1:
-            # One pass per q / k: norm, rotation, and heads laid out for attention.
+            # One pass per q / k: norm, rotation, and heads laid out for attention. v is
+            # copied out too, so the fused projection's buffer (3x the activations) is freed
+            # before attention instead of living through it as v's storage.
             eps = self.norm_q.variance_epsilon
             q = rms_norm_rotary(q, self.norm_q.weight, eps, *rotary, self.local_heads)
             k = rms_norm_rotary(k, self.norm_k.weight, eps, *rotary, self.local_heads)
+            v = v.contiguous()
+            del qkv
         else:  # the norm's statistics need an all-reduce over the TP ranks first
             q = apply_interleaved_rotary(
                 self.norm_q(q).unflatten(2, (self.local_heads, -1)), *rotary
