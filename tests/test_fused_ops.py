@@ -118,6 +118,21 @@ def test_rms_norm_rotary_on_a_fused_qkv_slice(heads, head_dim, grid):
         assert_close(fused, chain)
 
 
+def test_gelu_tanh_in_place():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 1000, generator=gen).to(DEVICE) * 3
+    x[0, 0, :6] = torch.tensor([0.0, 1e-6, -1e-6, 40.0, -40.0, 1e4])
+    chain = torch.nn.functional.gelu(x, approximate="tanh")
+    with fused_kernels(True):
+        fused = fused_ops.gelu_(x.clone(), "tanh")
+        same = x.clone()
+        assert fused_ops.gelu_(same, "tanh") is same  # written over its input
+        strided = x.transpose(1, 2)  # not contiguous: the out-of-place chain
+        assert fused_ops.gelu_(strided, "tanh") is not strided
+        assert fused_ops.gelu_(x, "none") is not x  # erf GELU: the chain
+    assert_close(fused, chain)
+
+
 def test_whole_dit_forward_with_and_without_kernels():
     from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 
@@ -158,6 +173,7 @@ def test_bf16_kernels_round_like_the_chain():
             (normed * (1 + scale)).abs() + shift.abs(),
         ),
         (both(fused_ops.gated_residual, x, y, gate), x.float().abs() + (y.float() * gate).abs()),
+        (both(lambda t: fused_ops.gelu_(t.clone(), "tanh"), x), x.float().abs()),
     )
     for (fused, chain), magnitude in cases:
         bound = chain.float().abs() * 2**-7 + magnitude * 2**-20

@@ -147,3 +147,12 @@ def rms_norm_rotary(
         return _kernels().rms_norm_rotary(src, weight, cos2, sin2, num_heads, eps)
     normed = F.rms_norm(src, (inner,), weight.to(src.dtype), eps)
     return apply_interleaved_rotary(normed.unflatten(2, (num_heads, -1)), cos, sin)
+
+
+def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``F.gelu(x, approximate)``, written over ``x`` where the kernel applies (tanh
+    approximation, contiguous): the caller hands over a temporary nobody else reads, and the
+    feed-forward's widest activation is not allocated twice."""
+    if approximate == "tanh" and _use_kernels(x) and x.is_contiguous():
+        return _kernels().gelu_tanh_(x)
+    return F.gelu(x, approximate=approximate)

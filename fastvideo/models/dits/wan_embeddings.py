@@ -8,7 +8,8 @@ import math
 import torch
 from torch import nn
 
-from fastvideo.layers.activation import get_act_fn
+from fastvideo.layers.activation import GELU, get_act_fn
+from fastvideo.layers.fused_ops import gelu_
 from fastvideo.layers.layernorm import FP32LayerNorm
 from fastvideo.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 
@@ -118,7 +119,11 @@ class WanFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self.fc_in(x)
-        x, _ = self.fc_out(self.act(x))
+        if isinstance(self.act, GELU):  # in place on fc_in's fresh output where it can be
+            x = gelu_(x, self.act.approximate)
+        else:
+            x = self.act(x)
+        x, _ = self.fc_out(x)
         return x
 
 

@@ -249,11 +249,15 @@ class WanTransformerBlock(nn.Module):
             self.scale_shift_table + timestep_proj.float()
         ).chunk(6, dim=1)
 
+        # Each intermediate is dropped as soon as it is used: the feed-forward's wide hidden
+        # activation is the peak of the forward, and nothing else should still be alive then.
         attn_out = self.attn1(self.norm1(x, shift, scale), rotary, seq_len, video_grid)
         x = gated_residual(x, attn_out, gate)
+        del attn_out
 
         normed = self.norm2(x) if self.norm2 is not None else x  # float32 norm, cast back
         x = x + self.attn2(normed, context)
+        del normed
 
         ff_out = self.ffn(self.norm3(x, c_shift, c_scale))
         return gated_residual(x, ff_out, c_gate)
@@ -493,7 +497,8 @@ class WanTransformer3DModel(nn.Module):
             return x
 
         if step_cache is None or not self.blocks:
-            x = run_blocks(x)
+            for block in self.blocks:  # inline: the embedded input is freed after block 0
+                x = block(x, context, timestep_proj, rotary, seq_len, video_grid)
         else:
             indicator = self.blocks[0].modulated_input(x, timestep_proj)
             x = step_cache.run(x, indicator, run_blocks, seq_len)
