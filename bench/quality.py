@@ -5,9 +5,11 @@ from one model folder; the dense, uncached run is the reference. Per configurati
 seconds and s / step (median of steps 2..N), denoise speed-up over dense, PSNR and SSIM of the
 decoded frames against dense (mean over prompts), and for step caching the DiT forwards it
 computed and skipped. s / step is the mean (denoise s / steps): with step caching the steps
-are not alike, and a median would show a computed or a skipped step, not the average. With random weights (``fastvideo.testing.random_wan``) the videos are
-not pictures, so the fidelity figures measure how far each option moves the output, not how
-good it looks; on a real checkpoint the same command gives the real trade-off.
+are not alike, and a median would show a computed or a skipped step, not the average.
+
+With random weights (``fastvideo.testing.random_wan``) the videos are not pictures, so the
+fidelity figures measure how far each option moves the output, not how good it looks; on a
+real checkpoint the same command gives the real trade-off.
 
     python -m bench.quality --build-dir /tmp/rw --steps 20 \\
         --configs dense,sta:3.3.3,cache:0.08,cache:0.15 --prompts 2 --json out.json
