@@ -39,7 +39,7 @@ def _layer_norm_modulate_kernel(
     HAS_MODULATION: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 at 14B sizes
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
     x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
@@ -108,7 +108,7 @@ def _gated_residual_kernel(
     gate_batch_stride,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 at 14B sizes
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < dim
     x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
@@ -147,7 +147,7 @@ def _rms_norm_rotary_kernel(
     eps,
     BLOCK_PAIRS: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 at 14B sizes
     token = row % rows_per_batch
     pairs = tl.arange(0, BLOCK_PAIRS)
     mask = pairs < inner // 2
@@ -211,8 +211,9 @@ def _gelu_tanh_inplace_kernel(x_ptr, numel, BLOCK: tl.constexpr):
     mask = offsets < numel
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates cleanly at both ends, and its absolute error
-    # near 0 (a float32 unit) is harmless here, where 1 is added to it.
+    # tanh(u) = 1 - 2 / (exp(2u) + 1); |u| > 15 is +-1 in float32 anyway, and clamping keeps
+    # exp finite. Its absolute error near 0 (a float32 unit) is harmless where 1 is added.
+    inner = tl.minimum(tl.maximum(inner, -15.0), 15.0)
     tanh = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
     tl.store(x_ptr + offsets, (0.5 * x * (1.0 + tanh)).to(x_ptr.dtype.element_ty), mask=mask)
 
