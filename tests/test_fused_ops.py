@@ -62,6 +62,17 @@ def test_kernels_are_used_only_where_they_apply(monkeypatch):
         assert len(calls) == 1
         fused_ops.gated_residual(x, x, gate.double())  # not a float32 gate: the chain
         assert len(calls) == 1
+        spied_ln = []
+        monkeypatch.setattr(kernels, "layer_norm_modulate", lambda *a: spied_ln.append(1))
+        table = torch.randn(2, 6, 8, device=DEVICE)
+        x2 = torch.randn(2, 4, 8, device=DEVICE)
+        # shift for two batch rows, scale for one: the chain broadcasts, the kernel cannot.
+        out = fused_ops.layer_norm_scale_shift(x2, 1e-6, table[:, 0:1], table[:1, 1:2])
+        assert spied_ln == [] and out.shape == x2.shape
+        weight = torch.ones(6, device=DEVICE)  # wrong width: the chain's own error
+        with pytest.raises(RuntimeError):
+            fused_ops.layer_norm_scale_shift(x2, 1e-6, weight=weight, bias=weight)
+        assert spied_ln == []
     with fused_kernels(False):
         fused_ops.gated_residual(x, x, gate)
         assert len(calls) == 1

@@ -58,6 +58,11 @@ def _use_kernels(*tensors: torch.Tensor | None) -> bool:
     return _kernels() is not None
 
 
+def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it x's (x may live on another GPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _row_vector(t: torch.Tensor | None, batch: int, dim: int) -> bool:
     """A float32 (batch or 1, 1, dim) modulation vector with unit last stride."""
     return t is None or (
@@ -87,11 +92,14 @@ def layer_norm_scale_shift(
         and x.is_contiguous()
         and _row_vector(shift, x.shape[0], x.shape[2])
         and _row_vector(scale, x.shape[0], x.shape[2])
-        and (shift is None or shift.stride(0) == scale.stride(0) or x.shape[0] == 1)
+        and (shift is None or shift.shape[0] == scale.shape[0])
+        and (shift is None or shift.stride(0) == scale.stride(0) or shift.shape[0] == 1)
         and (weight is None) == (bias is None)
+        and (weight is None or weight.numel() == bias.numel() == x.shape[2])
         and (weight is None or (weight.is_contiguous() and bias.is_contiguous()))
     ):
-        return _kernels().layer_norm_modulate(x, eps, weight, bias, shift, scale)
+        with _on_device(x):
+            return _kernels().layer_norm_modulate(x, eps, weight, bias, shift, scale)
     y = F.layer_norm(
         x.float(),
         x.shape[-1:],
@@ -115,7 +123,8 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
         and y.is_contiguous()
         and _row_vector(gate, x.shape[0], x.shape[2])
     ):
-        return _kernels().gated_residual(x, y, gate)
+        with _on_device(x):
+            return _kernels().gated_residual(x, y, gate)
     return (x.float() + y.float() * gate).to(x.dtype)
 
 
@@ -144,7 +153,8 @@ def rms_norm_rotary(
         and cos2.is_contiguous()
         and sin2.is_contiguous()
     ):
-        return _kernels().rms_norm_rotary(src, weight, cos2, sin2, num_heads, eps)
+        with _on_device(src):
+            return _kernels().rms_norm_rotary(src, weight, cos2, sin2, num_heads, eps)
     normed = F.rms_norm(src, (inner,), weight.to(src.dtype), eps)
     return apply_interleaved_rotary(normed.unflatten(2, (num_heads, -1)), cos, sin)
 
@@ -154,5 +164,6 @@ def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     approximation, contiguous): the caller hands over a temporary nobody else reads, and the
     feed-forward's widest activation is not allocated twice."""
     if approximate == "tanh" and _use_kernels(x) and x.is_contiguous():
-        return _kernels().gelu_tanh_(x)
+        with _on_device(x):
+            return _kernels().gelu_tanh_(x)
     return F.gelu(x, approximate=approximate)

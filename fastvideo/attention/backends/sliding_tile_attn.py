@@ -60,7 +60,7 @@ def _flex_attention(query, key, value, **kwargs) -> torch.Tensor:
     if query.is_cuda:
         options = _kernel_options(os.environ.get("FASTVIDEO_FLEX_KERNEL_OPTIONS"))
         if options is not None:
-            kwargs["kernel_options"] = options
+            kwargs["kernel_options"] = dict(options)  # a copy: the cached dict stays pristine
         return _compiled_flex_attention()(query, key, value, **kwargs)
     with warnings.catch_warnings():
         # The unfused path is the intended one off CUDA; its "use torch.compile" hint is noise.
