@@ -8,7 +8,9 @@ frames at 480x832.
     python -m bench.vae --device cpu --tiny --gpus 2        # CPU smoke test (gloo ranks)
 
 Rows: diffusers plain and with ``enable_tiling()``; ours plain and with ``enable_tiling()``
-(same tiles: 256 px every 192 px unless ``--tile``); with ``--gpus N`` (N > 1), ours split
+(same tiles: 256 px every 192 px unless ``--tile``); ours decoding ``--chunk-frames`` latent
+frames per decoder call (default 4; 1 drops the row) and, with ``--channels-last``,
+channels-last convolutions (exact: same math, other kernels); with ``--gpus N`` (N > 1), ours split
 tile by tile over N ranks (one process per GPU, NCCL, the sequence-parallel group, every rank
 ends with the whole video; the time is rank 0's from a barrier to the last rank's end).
 Median of ``--repeats`` decodes after ``--warmup``; peak GiB is
@@ -205,6 +207,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-tf32", action="store_true", help="cuDNN convolutions in true fp32")
+    parser.add_argument(
+        "--chunk-frames", type=int, default=4, help="also ours with N latent frames per call"
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="also ours with channels-last convolutions"
+    )
     parser.add_argument("--json", default=None)
     ns = parser.parse_args()
     if ns.no_tf32:
@@ -249,11 +257,23 @@ def main() -> None:
         ("ours plain", ours, ours_decode),
         ("ours tiled", ours, ours_decode),
     ]
+    chunk = ns.chunk_frames
+    if chunk > 1:
+        plan.append((f"ours plain, {chunk}-latent-frame chunks", ours, ours_decode))
+    if ns.channels_last:
+        plan.append(("ours plain, channels-last", ours, ours_decode))
+        if chunk > 1:
+            plan.append(
+                (f"ours plain, channels-last, {chunk}-latent-frame chunks", ours, ours_decode)
+            )
     for label, model, fn in plan:
         if label.endswith("tiled"):
             model.enable_tiling(*tile)
         else:
             model.disable_tiling()
+        if model is ours:
+            ours.set_decode_chunk_frames(chunk if "chunks" in label else 1)
+            ours.use_channels_last("channels-last" in label)
         seconds, peak, outputs[label] = time_decode(fn, ns.device, ns.repeats, ns.warmup)
         rows[label] = {"time_s": seconds, "peak_gib": peak}
         print(json.dumps({label: rows[label]}), flush=True)

@@ -75,17 +75,28 @@ def test_vae_cpu_smoke(tmp_path):
         "1",
         "--warmup",
         "0",
+        "--channels-last",
+        "--chunk-frames",
+        "2",
         tmp_path=tmp_path,
     )
     assert "| decode | s | speed-up vs diffusers plain | peak GiB |" in stdout
     rows = results["rows"]
+    variants = (
+        "ours plain, 2-latent-frame chunks",
+        "ours plain, channels-last",
+        "ours plain, channels-last, 2-latent-frame chunks",
+    )
     assert set(rows) == {
         "diffusers plain",
         "diffusers tiled",
         "ours plain",
         "ours tiled",
+        *variants,
         "ours split over 2 ranks",
     }
+    for label in variants:  # exact: the same math in other kernels
+        assert rows[label]["max_abs_diff_vs_diffusers_plain"] <= 1e-5
     assert results["video"] == [9, 64, 96]
     for row in rows.values():
         assert {"time_s", "peak_gib", "max_abs_diff_vs_diffusers_plain"} <= set(row)

@@ -95,6 +95,50 @@ def test_decode_matches_diffusers(name: str, latent_shape: tuple[int, int, int, 
 
 
 @pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("chunk_frames", [2, 7])
+def test_decode_in_chunks_of_latent_frames_matches_diffusers(name: str, chunk_frames: int) -> None:
+    """Several latent frames per decoder call: the causal caches carry exactly what the
+    frame-by-frame decode carries (6 latent frames: chunks 1+2+2+1 and 1+5)."""
+    reference, ours = _model_pair(name)
+    torch.manual_seed(2)
+    z = torch.randn(1, ours.config.z_dim, 6, 3, 5)
+    with torch.no_grad():
+        expected = reference.decode(z).sample
+        ours.set_decode_chunk_frames(chunk_frames)
+        try:
+            actual = ours.decode(z)
+        finally:
+            ours.set_decode_chunk_frames(1)
+    assert _max_diff(actual, expected) <= TOL
+    assert expected.std() > 1e-2
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_channels_last_decode_matches_diffusers(name: str) -> None:
+    reference, ours = _model_pair(name)
+    torch.manual_seed(3)
+    z = torch.randn(1, ours.config.z_dim, 4, 3, 5)
+    with torch.no_grad():
+        expected = reference.decode(z).sample
+        ours.use_channels_last(True)
+        try:
+            conv = next(m for m in ours.modules() if isinstance(m, torch.nn.Conv3d))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+            actual = ours.decode(z)
+        finally:
+            ours.use_channels_last(False)
+    assert _max_diff(actual, expected) <= TOL
+    assert expected.std() > 1e-2
+
+
+@pytest.mark.parametrize("frames", [0, -1, 1.5, True])
+def test_decode_chunk_frames_must_be_a_positive_int(frames) -> None:
+    _, ours = _model_pair("early_temporal_z16")
+    with pytest.raises(ValueError, match="decode_chunk_frames must be a positive int"):
+        ours.set_decode_chunk_frames(frames)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize(
     "video_shape",
     [(1, 1, 24, 40), (1, 5, 24, 40), (2, 9, 40, 56)],

@@ -134,6 +134,28 @@ class AutoencoderKLWan(nn.Module):
         self.spatial_ratio = 2 ** (len(dim_mult) - 1)
         self.temporal_ratio = 2 ** sum(temperal_downsample)
         self.tiling: TileConfig | None = None
+        # Latent frames per decoder call after the first (which is always alone); see
+        # set_decode_chunk_frames. 1 is diffusers' frame-by-frame decode.
+        self.decode_chunk_frames = 1
+        self.channels_last = False
+
+    def set_decode_chunk_frames(self, frames: int) -> None:
+        """Decode ``frames`` latent frames per decoder call instead of one: the same
+        computation (the causal convolutions see the same frames through their cache), in
+        fewer, larger kernels, for about ``frames`` times the activation memory."""
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"decode_chunk_frames must be a positive int, got {frames!r}")
+        self.decode_chunk_frames = frames
+
+    def use_channels_last(self, enabled: bool = True) -> None:
+        """Run the decoder's convolutions channels-last (NDHWC / NHWC weights and
+        activations), the layout cuDNN's fastest convolution kernels read."""
+        formats = {5: torch.channels_last_3d, 4: torch.channels_last}
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d | nn.Conv2d):
+                fmt = formats[module.weight.dim()] if enabled else torch.contiguous_format
+                module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+        self.channels_last = enabled
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "AutoencoderKLWan":
@@ -256,20 +278,24 @@ class AutoencoderKLWan(nn.Module):
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         x = self.post_quant_conv(z)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         cache: FeatureCache = {}
         video: torch.Tensor | None = None
-        start = 0
-        # Frame by frame: latent frame 0 decodes to 1 frame, each later one to
-        # temporal_ratio (4). Written into one preallocated video rather than concatenated,
-        # which would briefly hold the video twice.
-        for t in range(x.shape[2]):
-            frames = self.decoder(x[:, :, t : t + 1], cache, first_chunk=t == 0)
+        start = t = 0
+        # Latent frame 0 alone (it decodes to 1 frame), then chunks of decode_chunk_frames
+        # (each latent frame decodes to temporal_ratio = 4). Written into one preallocated
+        # video rather than concatenated, which would briefly hold the video twice.
+        while t < x.shape[2]:
+            n = 1 if t == 0 else min(self.decode_chunk_frames, x.shape[2] - t)
+            frames = self.decoder(x[:, :, t : t + n], cache, first_chunk=t == 0)
             if video is None:
                 num_frames = 1 + self.temporal_ratio * (x.shape[2] - 1)
                 b, c, _, h, w = frames.shape
                 video = frames.new_empty(b, c, num_frames, h, w)
             video[:, :, start : start + frames.shape[2]] = frames
             start += frames.shape[2]
+            t += n
         assert video is not None and start == video.shape[2]
         return video
 
