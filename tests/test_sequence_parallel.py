@@ -43,6 +43,11 @@ DIT_CONFIGS = {
     "i2v": dict(_BASE, num_attention_heads=2, attention_head_dim=8, text_dim=16, ffn_dim=32,
                 num_layers=2, image_dim=12, added_kv_proj_dim=16, in_channels=9),
 }  # fmt: skip
+# Wan2.1-1.3B's head count on 8 ranks (the 8-GPU issue's layout): Ulysses 4 x ring 2.
+TWELVE_HEADS = {
+    "t2v-12-heads": dict(_BASE, num_attention_heads=12, attention_head_dim=12, text_dim=24,
+                         ffn_dim=40, num_layers=1),
+}  # fmt: skip
 # (T, H, W) latents -> 35 tokens (divides by none of 2, 3, 4) and 45 (only by 3).
 LATENT_SIZES = [(1, 10, 14), (3, 6, 10)]
 
@@ -51,7 +56,7 @@ LATENT_SIZES = [(1, 10, 14), (3, 6, 10)]
 def _dit(name: str) -> WanTransformer3DModel:
     """Random diffusers weights loaded through our loader, as in test_wan_dit_parity."""
     torch.manual_seed(0)
-    reference = DiffusersWanDiT(**DIT_CONFIGS[name]).eval()
+    reference = DiffusersWanDiT(**{**DIT_CONFIGS, **TWELVE_HEADS}[name]).eval()
     with torch.no_grad():
         for param in reference.parameters():
             param.add_(0.1 * torch.randn_like(param))
@@ -63,7 +68,7 @@ def _dit(name: str) -> WanTransformer3DModel:
 
 
 def _dit_inputs(name: str, latent: tuple[int, int, int]) -> tuple:
-    cfg = DIT_CONFIGS[name]
+    cfg = {**DIT_CONFIGS, **TWELVE_HEADS}[name]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, cfg["in_channels"], *latent, generator=gen)
     t = torch.rand(2, generator=gen) * 1000
@@ -125,6 +130,24 @@ def test_dit_forward_on_sp_ranks_matches_single_process(sp: int):
             diff = max(_max_diff(rank["dit"][index][latent_index], expected) for rank in results)
             print(f"sp={sp} {name} latent={latent}: max abs diff {diff:.3e}")
             assert diff <= TOL, (sp, name, latent, diff)
+
+
+def test_eight_ranks_with_twelve_heads_match_one_process():
+    """SP=8 for a 12-head model (Wan2.1-1.3B's count): Ulysses 4 x ring 2 on 8 CPU ranks, the
+    layout the 8-GPU issue runs; 35 tokens leave 5 padding slots on the last ranks."""
+    assert sp_factorisation(8, 12) == (4, 2)
+    name = "t2v-12-heads"
+    latent = LATENT_SIZES[0]
+    attention_case = (1, 37, 12, 8)
+    dit_case = (_dit(name).constructor_config, _dit(name).state_dict(), [_dit_inputs(name, latent)])
+    results = run_on_ranks(
+        sequence_parallel_checks, 8, args=([attention_case], [dit_case]), sp_size=8
+    )
+    expected = reference_attention(*attention_inputs(attention_case))
+    assert max(_max_diff(rank["attention"][0], expected) for rank in results) <= TOL
+    with torch.no_grad():
+        expected = _dit(name)(*_dit_inputs(name, latent))
+    assert max(_max_diff(rank["dit"][0][0], expected) for rank in results) <= TOL
 
 
 def test_ulysses_groups_are_consecutive_sp_ranks_and_ring_groups_strided():
