@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import install_error_handlers
 from scheduler.api.metrics import Metrics, MetricsMiddleware
-from scheduler.api.routes import dashboard, health, models, videos
+from scheduler.api.routes import batches, dashboard, health, models, videos
 from scheduler.models_config import load_models_config
 from scheduler.settings import Settings, get_settings
 from scheduler.storage import VideoStore
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(videos.router)
+    app.include_router(batches.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)

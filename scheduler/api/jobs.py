@@ -67,19 +67,32 @@ def _replay(job: Job, request_hash: str) -> Submitted:
 
 def _admit(session: Session, context: ApiContext, tenant: str, request: VideoRequest) -> None:
     if request.batch_id is not None:
-        batch = session.execute(
-            select(Batch.id).where(Batch.id == request.batch_id, Batch.tenant == tenant)
+        status = session.execute(
+            select(Batch.status).where(Batch.id == request.batch_id, Batch.tenant == tenant)
         ).scalar_one_or_none()
-        if batch is None:
+        if status is None:
             raise ApiError.not_found(f"No batch found with id '{request.batch_id}'", "batch_id")
+        if status == "cancelled":
+            raise ApiError(
+                409,
+                f"batch '{request.batch_id}' was cancelled; it takes no new videos",
+                param="batch_id",
+                code="batch_cancelled",
+            )
+    admit_count(session, context, 1)
+
+
+def admit_count(session: Session, context: ApiContext, count: int) -> None:
+    """429 unless the queue has room for ``count`` more jobs."""
     queued = session.execute(
         select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
     ).scalar_one()
     limit = context.settings.max_queued_jobs
-    if queued >= limit:
+    if queued + count > limit:
+        room = "" if count == 1 else f", no room for {count} more"
         raise ApiError(
             429,
-            f"The service has {queued} queued jobs (limit {limit}); retry later",
+            f"The service has {queued} queued jobs (limit {limit}){room}; retry later",
             code="queue_full",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
@@ -125,23 +138,9 @@ def submit(
                 return _replay(existing, request_hash)
         _admit(session, context, tenant, request)
 
-    job_id = transitions.new_job_id()
-    image_key = _upload_image(context, job_id, request.image.png) if request.image else None
-    seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
-    now = utcnow()
-    job = Job(
-        id=job_id,
-        tenant=tenant,
-        model=request.model.name,
-        params=request.job_params(seed, image_key),
-        priority=request.priority,
-        max_attempts=settings.job_max_attempts,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        batch_id=request.batch_id,
-        created_at=now,
-        updated_at=now,
-    )
+    job = new_job(context, tenant, request, idempotency_key)
+    job_id = job.id
+    image_key = job.params.get("image_key")
     try:
         with session_scope(settings.database_url) as session:
             transitions.create_job(session, job)
@@ -159,6 +158,33 @@ def submit(
 
     _dispatch(context, job.id, request.model.pool, request.priority)
     return Submitted(get(context, tenant, job.id), created=True)
+
+
+def new_job(
+    context: ApiContext, tenant: str, request: VideoRequest, idempotency_key: str | None = None
+) -> Job:
+    """The row of a new queued job (not yet inserted), its input image already stored."""
+    job_id = transitions.new_job_id()
+    image_key = _upload_image(context, job_id, request.image.png) if request.image else None
+    seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
+    now = utcnow()
+    return Job(
+        id=job_id,
+        tenant=tenant,
+        model=request.model.name,
+        params=request.job_params(seed, image_key),
+        priority=request.priority,
+        max_attempts=context.settings.job_max_attempts,
+        idempotency_key=idempotency_key,
+        request_hash=request.request_hash(),
+        batch_id=request.batch_id,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def dispatch_job(context: ApiContext, job: Job, pool: str) -> None:
+    _dispatch(context, job.id, pool, job.priority)
 
 
 def _dispatch(context: ApiContext, job_id: str, pool: str, priority: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from scheduler.db.models import Job, JobStatus
+from scheduler.db.models import Batch, Job, JobStatus
 from scheduler.models_config import ServedModel
 
 ApiStatus = Literal["queued", "in_progress", "completed", "failed"]
@@ -196,3 +196,39 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, Any] | None = None
+
+
+class BatchCounts(BaseModel):
+    total: int
+    queued: int
+    in_progress: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
+class BatchObject(BaseModel):
+    """A batch: ``in_progress`` while any video is unfinished (or none was added yet),
+    ``completed`` once every video finished, ``cancelling`` / ``cancelled`` after a cancel."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    status: Literal["in_progress", "completed", "cancelling", "cancelled"]
+    created_at: int
+    metadata: dict[str, str] | None = None
+    request_counts: BatchCounts
+
+    @classmethod
+    def from_batch(cls, batch: Batch, counts: dict[str, int]) -> BatchObject:
+        unfinished = counts["queued"] + counts["in_progress"]
+        if batch.status == "cancelled":
+            status = "cancelling" if unfinished else "cancelled"
+        else:
+            status = "in_progress" if unfinished or not counts["total"] else "completed"
+        return cls(
+            id=batch.id,
+            status=status,
+            created_at=unix(batch.created_at) or 0,
+            metadata=(batch.params or {}).get("metadata"),
+            request_counts=BatchCounts(**counts),
+        )

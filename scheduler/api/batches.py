@@ -1,0 +1,161 @@
+"""What the batch routes do: create a batch (optionally with its videos, all or none), count
+its videos by status, cancel every unfinished one. A batch is a tenant's named group of jobs;
+videos join it at creation or later through ``POST /v1/videos`` with ``batch_id``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+from typing import Any
+
+from sqlalchemy import func, select
+
+from scheduler.api import jobs
+from scheduler.api.context import ApiContext
+from scheduler.api.errors import ApiError
+from scheduler.api.validation import validate_create
+from scheduler.db import transitions
+from scheduler.db.models import Batch, Job, JobStatus, utcnow
+from scheduler.db.session import session_scope
+
+log = logging.getLogger(__name__)
+
+#: Videos one POST /v1/batches may carry; larger datasets add videos with batch_id
+#: (``fvb submit`` does).
+MAX_BATCH_REQUESTS = 1000
+MAX_METADATA_ITEMS = 16
+CANCELLED = "cancelled"
+_UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def new_batch_id() -> str:
+    return f"batch_{secrets.token_hex(12)}"
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or len(value) > MAX_METADATA_ITEMS
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    ):
+        raise ApiError.invalid(
+            "metadata", f"metadata must be an object of at most {MAX_METADATA_ITEMS} strings"
+        )
+    return value
+
+
+def _requests(context: ApiContext, value: Any) -> list:
+    """Validate every request before anything is stored; errors name ``requests[i].field``."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_BATCH_REQUESTS:
+        raise ApiError.invalid(
+            "requests",
+            f"requests must be a list of at most {MAX_BATCH_REQUESTS} video create bodies",
+        )
+    validated = []
+    for index, fields in enumerate(value):
+        where = f"requests[{index}]"
+        if not isinstance(fields, dict):
+            raise ApiError.invalid(where, f"{where} must be an object (a video create body)")
+        if "batch_id" in fields:
+            raise ApiError.invalid(f"{where}.batch_id", "batch_id is set by the batch")
+        try:
+            validated.append(validate_create(fields, context.models))
+        except ApiError as err:
+            err.param = f"{where}.{err.param}" if err.param else where
+            err.message = f"{where}: {err.message}"
+            raise
+    return validated
+
+
+def create(context: ApiContext, tenant: str, body: Any) -> Batch:
+    """The batch and its videos in one transaction (none are stored if any is invalid or the
+    queue has no room for all), then each video's message; a failed publish is the reaper's."""
+    if not isinstance(body, dict):
+        raise ApiError.invalid("body", "the body must be a JSON object")
+    unknown = sorted(set(body) - {"requests", "metadata"})
+    if unknown:
+        raise ApiError.invalid(
+            unknown[0], f"Unknown parameter: '{unknown[0]}'. Accepted: metadata, requests"
+        )
+    metadata = _metadata(body.get("metadata"))
+    requests = _requests(context, body.get("requests"))
+    batch_id = new_batch_id()
+    requests = [dataclasses.replace(r, batch_id=batch_id) for r in requests]
+    with session_scope(context.settings.database_url) as session:
+        jobs.admit_count(session, context, len(requests))
+    rows = [jobs.new_job(context, tenant, request) for request in requests]
+    now = utcnow()
+    batch = Batch(
+        id=batch_id,
+        tenant=tenant,
+        status="open",
+        params={"metadata": metadata} if metadata else None,
+        created_at=now,
+        updated_at=now,
+    )
+    with session_scope(context.settings.database_url) as session:
+        session.add(batch)
+        session.flush()
+        for row in rows:
+            transitions.create_job(session, row)
+    for row, request in zip(rows, requests, strict=True):
+        jobs.dispatch_job(context, row, request.model.pool)
+    log.info("batch %s created with %d videos", batch_id, len(rows))
+    return get(context, tenant, batch_id)
+
+
+def get(context: ApiContext, tenant: str, batch_id: str) -> Batch:
+    with session_scope(context.settings.database_url) as session:
+        batch = session.execute(
+            select(Batch).where(Batch.id == batch_id, Batch.tenant == tenant)
+        ).scalar_one_or_none()
+    if batch is None:
+        raise ApiError.not_found(f"No batch found with id '{batch_id}'", "batch_id")
+    return batch
+
+
+def counts(context: ApiContext, batch_id: str) -> dict[str, int]:
+    """The batch's videos by status (deleted ones are not counted)."""
+    with session_scope(context.settings.database_url) as session:
+        rows = session.execute(
+            select(Job.status, func.count())
+            .where(Job.batch_id == batch_id, Job.deleted_at.is_(None))
+            .group_by(Job.status)
+        ).all()
+    by_status = {status: count for status, count in rows}
+    return {
+        "total": sum(by_status.values()),
+        "queued": by_status.get(JobStatus.QUEUED, 0),
+        "in_progress": by_status.get(JobStatus.RUNNING, 0),
+        "completed": by_status.get(JobStatus.SUCCEEDED, 0),
+        "failed": by_status.get(JobStatus.FAILED, 0),
+        "cancelled": by_status.get(JobStatus.CANCELLED, 0),
+    }
+
+
+def cancel(context: ApiContext, tenant: str, batch_id: str) -> Batch:
+    """Close the batch to new videos and cancel each unfinished one (queued ones now,
+    running ones at their next step)."""
+    get(context, tenant, batch_id)
+    with session_scope(context.settings.database_url) as session:
+        session.execute(
+            Batch.__table__.update()
+            .where(Batch.id == batch_id)
+            .values(status=CANCELLED, updated_at=utcnow())
+        )
+    with session_scope(context.settings.database_url) as session:
+        unfinished = list(
+            session.execute(
+                select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(_UNFINISHED))
+            ).scalars()
+        )
+    for job_id in unfinished:  # one transaction each: a job may finish meanwhile
+        with session_scope(context.settings.database_url) as session:
+            transitions.request_cancel(session, job_id)
+    log.info("batch %s cancelled: %d unfinished videos asked to stop", batch_id, len(unfinished))
+    return get(context, tenant, batch_id)

@@ -1,0 +1,179 @@
+"""``/v1/batches`` against the same real servers as test_api (migrated SQLite, Valkey broker,
+SeaweedFS): a batch and its videos are stored all or none, its counts follow its videos, a
+cancel stops every unfinished one and closes it to new videos."""
+
+# test_api's module fixtures are imported by name for pytest to inject; the test functions'
+# parameters of the same names are those fixtures, not redefinitions.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+
+from scheduler.api.app import create_app
+from scheduler.db import transitions
+from scheduler.db.models import Batch, Job
+from scheduler.db.session import session_scope
+
+from .test_api import (  # noqa: F401 (fixtures)
+    T2V,
+    T2V_POOL,
+    acme,
+    assert_error,
+    broker,
+    client,
+    data_url,
+    globex,
+    keys,
+    models_toml,
+    png_bytes,
+    queued_job_ids,
+    settings,
+    submit,
+)
+
+I2V = "tiny-i2v"
+
+
+def video(**fields) -> dict:
+    return {"model": T2V, "prompt": "a red panda eating bamboo", **fields}
+
+
+def stored(settings) -> tuple[int, int]:
+    with session_scope(settings.database_url) as session:
+        return (
+            session.execute(select(func.count()).select_from(Batch)).scalar_one(),
+            session.execute(select(func.count()).select_from(Job)).scalar_one(),
+        )
+
+
+def test_batch_with_videos_queues_and_dispatches_each(client, acme, broker, settings):
+    body = {
+        "metadata": {"dataset": "pandas-v1"},
+        "requests": [video(seed=1), video(seed=2, size="32x32"), video(seed=3)],
+    }
+    response = client.post("/v1/batches", json=body, headers=acme)
+    assert response.status_code == 200, response.text
+    batch = response.json()
+    assert batch["object"] == "batch" and batch["id"].startswith("batch_")
+    assert batch["status"] == "in_progress"
+    assert batch["metadata"] == {"dataset": "pandas-v1"}
+    assert batch["request_counts"] == {
+        "total": 3,
+        "queued": 3,
+        "in_progress": 0,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    listed = client.get(f"/v1/videos?batch_id={batch['id']}&order=asc", headers=acme).json()
+    assert [v["seed"] for v in listed["data"]] == [1, 2, 3]
+    assert {v["batch_id"] for v in listed["data"]} == {batch["id"]}
+    assert listed["data"][1]["size"] == "32x32"
+    waiting = set(queued_job_ids(broker, f"gpu.{T2V_POOL}"))
+    assert {v["id"] for v in listed["data"]} <= waiting
+
+
+def test_one_bad_request_rejects_the_whole_batch_naming_it(client, acme, settings):
+    before = stored(settings)
+    body = {"requests": [video(), video(size="33x32"), video()]}
+    response = client.post("/v1/batches", json=body, headers=acme)
+    assert_error(response, 400, "requests[1].size", "requests[1]:")
+    response = client.post("/v1/batches", json={"requests": [video(), "a cat"]}, headers=acme)
+    assert_error(response, 400, "requests[1]", "must be an object")
+    body = {"requests": [video(batch_id="batch_x")]}
+    response = client.post("/v1/batches", json=body, headers=acme)
+    assert_error(response, 400, "requests[0].batch_id", "set by the batch")
+    response = client.post("/v1/batches", json={"requests": [video(model="nope")]}, headers=acme)
+    assert response.status_code == 404 and "requests[0]" in response.json()["error"]["param"]
+    assert stored(settings) == before
+
+
+def test_malformed_batch_bodies_name_the_field(client, acme, settings):
+    before = stored(settings)
+    cases = [
+        ({"requests": "a cat"}, "requests", "list of at most 1000"),
+        ({"requests": [video()] * 1001}, "requests", "at most 1000"),
+        ({"metadata": {"k": 1}}, "metadata", "strings"),
+        ({"prompts": []}, "prompts", "Unknown parameter"),
+    ]
+    for body, param, fragment in cases:
+        assert_error(client.post("/v1/batches", json=body, headers=acme), 400, param, fragment)
+    assert_error(client.post("/v1/batches", json=[1], headers=acme), 400, "body", "object")
+    assert stored(settings) == before
+
+
+def test_batch_that_does_not_fit_the_queue_is_refused_whole(client, acme, settings):
+    with session_scope(settings.database_url) as session:
+        queued = session.execute(
+            select(func.count()).select_from(Job).where(Job.status == "queued")
+        ).scalar_one()
+    tight = TestClient(create_app(settings.model_copy(update={"max_queued_jobs": queued + 1})))
+    before = stored(settings)
+    response = tight.post("/v1/batches", json={"requests": [video(), video()]}, headers=acme)
+    error = assert_error(response, 429, None, "no room for 2 more", "retry later")
+    assert error["code"] == "queue_full" and int(response.headers["Retry-After"]) > 0
+    assert stored(settings) == before
+
+
+def test_empty_batch_takes_videos_through_v1_videos_and_counts_them(client, acme, settings):
+    batch = client.post("/v1/batches", headers=acme).json()
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 0
+    image = data_url(png_bytes())
+    created = submit(client, acme, batch_id=batch["id"])
+    assert created.status_code == 200, created.text
+    i2v = client.post(
+        "/v1/videos",
+        json={"model": I2V, "prompt": "x", "input_reference": image, "batch_id": batch["id"]},
+        headers=acme,
+    )
+    assert i2v.status_code == 200, i2v.text
+    counts = client.get(f"/v1/batches/{batch['id']}", headers=acme).json()["request_counts"]
+    assert counts["total"] == 2 and counts["queued"] == 2
+
+    # Finish both: one succeeds, one fails -> the batch is completed.
+    with session_scope(settings.database_url) as session:
+        for job_id in (created.json()["id"], i2v.json()["id"]):
+            transitions.claim(session, job_id, "test-worker")
+        session.execute(
+            update(Job).where(Job.id == created.json()["id"]).values(status="succeeded")
+        )
+        session.execute(update(Job).where(Job.id == i2v.json()["id"]).values(status="failed"))
+    done = client.get(f"/v1/batches/{batch['id']}", headers=acme).json()
+    assert done["status"] == "completed"
+    assert (done["request_counts"]["completed"], done["request_counts"]["failed"]) == (1, 1)
+
+
+def test_cancel_stops_every_unfinished_video_and_closes_the_batch(client, acme, settings):
+    batch = client.post(
+        "/v1/batches", json={"requests": [video(), video(), video()]}, headers=acme
+    ).json()
+    ids = [
+        v["id"]
+        for v in client.get(f"/v1/videos?batch_id={batch['id']}", headers=acme).json()["data"]
+    ]
+    with session_scope(settings.database_url) as session:
+        running = transitions.claim(session, ids[0], "test-worker")
+    assert running is not None
+    cancelled = client.post(f"/v1/batches/{batch['id']}/cancel", headers=acme).json()
+    # Queued videos stop now; the running one is flagged and stops at its next step.
+    assert cancelled["status"] == "cancelling"
+    assert cancelled["request_counts"]["cancelled"] == 2
+    assert cancelled["request_counts"]["in_progress"] == 1
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, ids[0]).cancel_requested
+        transitions.finish_cancelled(session, ids[0], running.attempt)
+    final = client.get(f"/v1/batches/{batch['id']}", headers=acme).json()
+    assert final["status"] == "cancelled" and final["request_counts"]["cancelled"] == 3
+    refused = submit(client, acme, batch_id=batch["id"])
+    assert_error(refused, 409, "batch_id", "was cancelled")
+
+
+def test_other_tenants_batches_are_not_found(client, acme, globex):
+    batch = client.post("/v1/batches", headers=acme).json()
+    assert_error(client.get(f"/v1/batches/{batch['id']}", headers=globex), 404, "batch_id")
+    response = client.post(f"/v1/batches/{batch['id']}/cancel", headers=globex)
+    assert_error(response, 404, "batch_id")
+    assert_error(submit(client, globex, batch_id=batch["id"]), 404, "batch_id")
+    assert client.post("/v1/batches").status_code == 401
