@@ -6,6 +6,8 @@ fvb scheduler                the reaper / re-dispatcher loop
 fvb worker --gpus 0          one GPU worker (or --device cpu)
 fvb db upgrade               apply database migrations
 fvb keys create --tenant T   create an API key (printed once)
+fvb submit prompts.jsonl --model M [--wait --download DIR]
+                             render a dataset as one batch through the API
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def _build_parser() -> argparse.ArgumentParser:
     create = keys_commands.add_parser("create", help="create a key (printed once)")
     create.add_argument("--tenant", required=True)
     create.add_argument("--name", default=None)
+
+    submit = commands.add_parser(
+        "submit", help="render a dataset (.jsonl bodies or one prompt per line) as one batch"
+    )
+    submit.add_argument("dataset", type=Path)
+    submit.add_argument("--model", default=None, help="for lines that name none")
+    submit.add_argument(
+        "--api-url", default=None, help="the API's /v1 URL (default: FVB_API_HOST/FVB_API_PORT)"
+    )
+    submit.add_argument("--api-key", default=None, help="default: $FVB_API_KEY")
+    submit.add_argument("--batch-id", default=None, help="resume submitting into this batch")
+    submit.add_argument("--wait", action="store_true", help="follow the batch to the end")
+    submit.add_argument("--download", type=Path, default=None, help="then save the videos here")
+    submit.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
 
@@ -138,6 +154,48 @@ def _keys(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(ns: argparse.Namespace) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    from scheduler import bulk
+    from scheduler.settings import get_settings
+
+    api_url = ns.api_url
+    if api_url is None:
+        settings = get_settings()
+        host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
+        api_url = f"http://{host}:{settings.api_port}/v1"
+    client = bulk.Client(api_url, ns.api_key or os.environ.get("FVB_API_KEY"))
+    batch_id = ns.batch_id
+    try:
+        total = sum(1 for _ in bulk.read_dataset(ns.dataset, ns.model))  # parse it all first
+        if batch_id is None:
+            batch_id = bulk.create_batch(client, ns.dataset)
+        print(f"batch {batch_id} (resume with --batch-id {batch_id})", flush=True)
+        with tqdm(total=total, desc="submitting", unit="video", disable=ns.no_progress) as bar:
+            outcome = bulk.submit_dataset(client, ns.dataset, ns.model, batch_id, progress=bar)
+        print(f"batch {batch_id}: {outcome.submitted} videos submitted", flush=True)
+        for line, message in outcome.failed:
+            print(f"{ns.dataset}:{line}: rejected: {message}", file=sys.stderr)
+        if ns.wait or ns.download is not None:
+            with tqdm(desc="rendering", unit="video", disable=ns.no_progress) as bar:
+                batch = bulk.wait_for_batch(client, batch_id, progress=bar)
+            counts = batch["request_counts"]
+            print(
+                f"batch {batch_id} {batch['status']}: {counts['completed']} completed, "
+                f"{counts['failed']} failed, {counts['cancelled']} cancelled"
+            )
+        if ns.download is not None:
+            written = bulk.download_batch(client, batch_id, ns.download)
+            print(f"{len(written)} videos written to {ns.download}")
+    except bulk.ApiFailure as err:
+        print(f"fvb: error: {err}", file=sys.stderr)
+        return 1
+    return 1 if outcome.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _build_parser().parse_args(argv)
     handlers = {
@@ -147,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker": lambda: _worker(ns),
         "db": lambda: _db(ns),
         "keys": lambda: _keys(ns),
+        "submit": lambda: _submit(ns),
     }
     try:
         return handlers[ns.command]()
