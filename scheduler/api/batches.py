@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from scheduler.api import jobs
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
-from scheduler.api.validation import validate_create
+from scheduler.api.validation import BATCH_DEFAULT_PRIORITY, validate_create
 from scheduler.db import transitions
 from scheduler.db.models import Batch, Job, JobStatus, utcnow
 from scheduler.db.session import session_scope
@@ -64,11 +64,14 @@ def _requests(context: ApiContext, value: Any) -> list:
         if "batch_id" in fields:
             raise ApiError.invalid(f"{where}.batch_id", "batch_id is set by the batch")
         try:
-            validated.append(validate_create(fields, context.models))
+            request = validate_create(fields, context.models)
         except ApiError as err:
             err.param = f"{where}.{err.param}" if err.param else where
             err.message = f"{where}: {err.message}"
             raise
+        if "priority" not in fields:
+            request = dataclasses.replace(request, priority=BATCH_DEFAULT_PRIORITY)
+        validated.append(request)
     return validated
 
 

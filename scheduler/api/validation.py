@@ -29,6 +29,9 @@ from scheduler.models_config import ServedModel
 MAX_PROMPT_CHARS = 2000
 GUIDANCE_RANGE = (0.0, 30.0)
 PRIORITY_RANGE = (-10, 10)
+#: Default priority of a video in a batch (interactive videos default to 0): queued bulk work
+#: yields to interactive requests unless it asks for a priority itself.
+BATCH_DEFAULT_PRIORITY = -5
 FPS_RANGE = (1, 120)
 SEED_MAX = 2**32 - 1
 DEFAULT_SECONDS = 4.0
@@ -439,15 +442,17 @@ def validate_create(fields: dict[str, Any], models: dict[str, ServedModel]) -> V
         else DEFAULT_GUIDANCE
     )
     seed = _as_int("seed", fields["seed"], 0, SEED_MAX) if _given(fields, "seed") else None
-    priority = (
-        _as_int("priority", fields["priority"], *PRIORITY_RANGE)
-        if _given(fields, "priority")
-        else 0
-    )
     metadata = _metadata(fields["metadata"]) if _given(fields, "metadata") else {}
     batch_id = None
     if _given(fields, "batch_id"):
         batch_id = _as_str("batch_id", fields["batch_id"]).strip() or None
+    priority = (
+        _as_int("priority", fields["priority"], *PRIORITY_RANGE)
+        if _given(fields, "priority")
+        else BATCH_DEFAULT_PRIORITY
+        if batch_id is not None
+        else 0
+    )
     return VideoRequest(
         model=model,
         prompt=prompt,

@@ -177,3 +177,14 @@ def test_other_tenants_batches_are_not_found(client, acme, globex):
     assert_error(response, 404, "batch_id")
     assert_error(submit(client, globex, batch_id=batch["id"]), 404, "batch_id")
     assert client.post("/v1/batches").status_code == 401
+
+
+def test_batch_videos_yield_to_interactive_ones_unless_they_ask(client, acme, broker):
+    batch = client.post(
+        "/v1/batches", json={"requests": [video(), video(priority=3)]}, headers=acme
+    ).json()
+    listed = client.get(f"/v1/videos?batch_id={batch['id']}&order=asc", headers=acme).json()
+    assert [v["priority"] for v in listed["data"]] == [-5, 3]
+    joined = submit(client, acme, batch_id=batch["id"]).json()
+    interactive = submit(client, acme).json()
+    assert (joined["priority"], interactive["priority"]) == (-5, 0)
