@@ -232,3 +232,11 @@ class BatchObject(BaseModel):
             metadata=(batch.params or {}).get("metadata"),
             request_counts=BatchCounts(**counts),
         )
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

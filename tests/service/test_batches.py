@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from scheduler.api.app import create_app
+from scheduler.api.auth import create_api_key
 from scheduler.db import transitions
 from scheduler.db.models import Batch, Job
 from scheduler.db.session import session_scope
@@ -188,3 +189,16 @@ def test_batch_videos_yield_to_interactive_ones_unless_they_ask(client, acme, br
     joined = submit(client, acme, batch_id=batch["id"]).json()
     interactive = submit(client, acme).json()
     assert (joined["priority"], interactive["priority"]) == (-5, 0)
+
+
+def test_batches_are_listed_newest_first_per_tenant_with_a_cursor(client, settings):
+    with session_scope(settings.database_url) as session:
+        headers = {"Authorization": f"Bearer {create_api_key(session, 'lister')}"}
+    made = [client.post("/v1/batches", headers=headers).json()["id"] for _ in range(3)]
+    first = client.get("/v1/batches?limit=2", headers=headers).json()
+    assert first["object"] == "list" and first["has_more"] is True
+    assert [b["id"] for b in first["data"]] == made[::-1][:2]
+    rest = client.get(f"/v1/batches?limit=2&after={first['last_id']}", headers=headers).json()
+    assert [b["id"] for b in rest["data"]] == made[:1] and rest["has_more"] is False
+    assert_error(client.get("/v1/batches?limit=0", headers=headers), 400, "limit", "between 1")
+    assert_error(client.get("/v1/batches?after=batch_nope", headers=headers), 400, "after")

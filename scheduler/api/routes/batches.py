@@ -1,5 +1,6 @@
 """``/v1/batches``: bulk generation. Create a batch (with up to 1000 videos in one call),
-follow its counts, cancel it; its videos are ordinary videos (``GET /v1/videos?batch_id=``)."""
+list them, follow its counts, cancel it; its videos are ordinary videos
+(``GET /v1/videos?batch_id=``)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from fastapi import APIRouter, Body, Depends
 from scheduler.api import batches
 from scheduler.api.auth import Tenant
 from scheduler.api.context import ApiContext, get_context
-from scheduler.api.schemas import BatchObject
+from scheduler.api.errors import ApiError
+from scheduler.api.schemas import BatchList, BatchObject
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 
 Context = Annotated[ApiContext, Depends(get_context)]
+MAX_LIST_LIMIT = 100
 
 
 def _object(context: ApiContext, batch) -> BatchObject:
@@ -26,6 +29,24 @@ def create_batch(
     tenant: Tenant, context: Context, body: Annotated[Any, Body()] = None
 ) -> BatchObject:
     return _object(context, batches.create(context, tenant, {} if body is None else body))
+
+
+@router.get("/batches", response_model=BatchList)
+def list_batches(
+    tenant: Tenant, context: Context, after: str | None = None, limit: int = 20
+) -> BatchList:
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ApiError.invalid(
+            "limit", f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}"
+        )
+    rows, has_more = batches.list_page(context, tenant, after, limit)
+    data = [_object(context, batch) for batch in rows]
+    return BatchList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject)
