@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from scheduler.api import jobs
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
+from scheduler.api.pagination import keyset_page
 from scheduler.api.validation import BATCH_DEFAULT_PRIORITY, validate_create
 from scheduler.db import transitions
 from scheduler.db.models import Batch, Job, JobStatus, utcnow
@@ -126,21 +127,17 @@ def list_page(
     context: ApiContext, tenant: str, after: str | None, limit: int
 ) -> tuple[list[Batch], bool]:
     """The tenant's batches, newest first, after the cursor batch; and whether more follow."""
-    query = select(Batch).where(Batch.tenant == tenant)
     with session_scope(context.settings.database_url) as session:
-        if after is not None:
-            anchor = session.execute(
-                select(Batch.created_at, Batch.id).where(Batch.id == after, Batch.tenant == tenant)
-            ).one_or_none()
-            if anchor is None:
-                raise ApiError.invalid("after", f"No batch found with id '{after}' to list after")
-            query = query.where(
-                (Batch.created_at < anchor.created_at)
-                | ((Batch.created_at == anchor.created_at) & (Batch.id < anchor.id))
-            )
-        query = query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
-        rows = list(session.execute(query).scalars())
-    return rows[:limit], len(rows) > limit
+        return keyset_page(
+            session,
+            select(Batch).where(Batch.tenant == tenant),
+            Batch,
+            tenant=tenant,
+            after=after,
+            limit=limit,
+            descending=True,
+            noun="batch",
+        )
 
 
 def counts(context: ApiContext, batch_id: str) -> dict[str, int]:

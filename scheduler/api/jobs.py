@@ -12,13 +12,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
 from scheduler.api.images import input_image_key
+from scheduler.api.pagination import keyset_page
 from scheduler.api.validation import SEED_MAX, VideoRequest
 from scheduler.db import transitions
 from scheduler.db.models import Batch, Job, JobStatus, utcnow
@@ -236,32 +237,17 @@ def list_page(
     if batch_id is not None:
         query = query.where(Job.batch_id == batch_id)
     with session_scope(context.settings.database_url) as session:
-        if after is not None:
-            anchor = session.execute(
-                select(Job.created_at, Job.id).where(Job.id == after, Job.tenant == tenant)
-            ).one_or_none()
-            if anchor is None:
-                raise ApiError.invalid("after", f"No video found with id '{after}' to list after")
-            if descending:
-                query = query.where(
-                    or_(
-                        Job.created_at < anchor.created_at,
-                        and_(Job.created_at == anchor.created_at, Job.id < anchor.id),
-                    )
-                )
-            else:
-                query = query.where(
-                    or_(
-                        Job.created_at > anchor.created_at,
-                        and_(Job.created_at == anchor.created_at, Job.id > anchor.id),
-                    )
-                )
-        if descending:
-            query = query.order_by(Job.created_at.desc(), Job.id.desc())
-        else:
-            query = query.order_by(Job.created_at.asc(), Job.id.asc())
-        jobs = list(session.execute(query.limit(limit + 1)).scalars())
-    return Page(jobs=jobs[:limit], has_more=len(jobs) > limit)
+        jobs, has_more = keyset_page(
+            session,
+            query,
+            Job,
+            tenant=tenant,
+            after=after,
+            limit=limit,
+            descending=descending,
+            noun="video",
+        )
+    return Page(jobs=jobs, has_more=has_more)
 
 
 def cancel(context: ApiContext, tenant: str, job_id: str) -> Job:

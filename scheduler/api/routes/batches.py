@@ -11,13 +11,12 @@ from fastapi import APIRouter, Body, Depends
 from scheduler.api import batches
 from scheduler.api.auth import Tenant
 from scheduler.api.context import ApiContext, get_context
-from scheduler.api.errors import ApiError
+from scheduler.api.pagination import check_limit
 from scheduler.api.schemas import BatchList, BatchObject
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 
 Context = Annotated[ApiContext, Depends(get_context)]
-MAX_LIST_LIMIT = 100
 
 
 def _object(context: ApiContext, batch) -> BatchObject:
@@ -35,10 +34,7 @@ def create_batch(
 def list_batches(
     tenant: Tenant, context: Context, after: str | None = None, limit: int = 20
 ) -> BatchList:
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise ApiError.invalid(
-            "limit", f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}"
-        )
+    check_limit(limit)
     rows, has_more = batches.list_page(context, tenant, after, limit)
     data = [_object(context, batch) for batch in rows]
     return BatchList(

@@ -12,6 +12,7 @@ from scheduler.api import jobs
 from scheduler.api.auth import Tenant
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.errors import ApiError
+from scheduler.api.pagination import check_limit
 from scheduler.api.schemas import JOB_STATUSES, VideoDeleted, VideoList, VideoObject
 from scheduler.api.validation import read_create_body, validate_create
 from scheduler.db.models import Job, JobStatus
@@ -23,7 +24,6 @@ Context = Annotated[ApiContext, Depends(get_context)]
 
 #: Tells the SDK's ``poll()`` how long to wait between retrievals (its default is 1 s).
 POLL_AFTER_MS = "200"
-MAX_LIST_LIMIT = 100
 
 
 def _video(context: ApiContext, job: Job, response: Response) -> VideoObject:
@@ -56,10 +56,7 @@ def list_videos(
     status: str | None = None,
     batch_id: str | None = None,
 ) -> VideoList:
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise ApiError.invalid(
-            "limit", f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}"
-        )
+    check_limit(limit)
     if order not in ("asc", "desc"):
         raise ApiError.invalid("order", f"order must be 'asc' or 'desc', got {order!r}")
     statuses = None
