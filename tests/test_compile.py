@@ -13,24 +13,12 @@ import torch
 from fastvideo import VideoGenerator
 from fastvideo.layers import fused_ops
 from fastvideo.models.compile import compile_blocks
-from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+from fastvideo.testing.tiny_wan import tiny_dit, tiny_dit_inputs
 
 
 def test_compiled_blocks_equal_eager():
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        text_dim=24,
-        freq_dim=16,
-        ffn_dim=40,
-        num_layers=2,
-    ).eval()
-    latents = torch.randn(1, 4, 3, 6, 10)
-    text = torch.randn(1, 7, 24)
-    timestep = torch.tensor([999.0])
+    model = tiny_dit()
+    latents, timestep, text = tiny_dit_inputs()
     with torch.inference_mode():
         eager = model(latents, timestep, text)
 

@@ -17,6 +17,7 @@ import torch
 from fastvideo.layers import fused_ops
 from fastvideo.layers.fused_ops import fused_kernels
 from fastvideo.models.dits.wan_embeddings import WanRotaryPosEmbed
+from fastvideo.testing.tiny_wan import tiny_dit, tiny_dit_inputs
 
 pytest.importorskip("triton", reason="the kernels need triton (a dev dependency on Linux x86-64)")
 CUDA = torch.cuda.is_available()
@@ -145,22 +146,8 @@ def test_gelu_tanh_in_place():
 
 
 def test_whole_dit_forward_with_and_without_kernels():
-    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        text_dim=24,
-        freq_dim=16,
-        ffn_dim=40,
-        num_layers=2,
-    ).to(DEVICE)
-    latents = torch.randn(2, 4, 3, 6, 10, device=DEVICE)
-    text = torch.randn(2, 7, 24, device=DEVICE)
-    timestep = torch.tensor([999.0, 500.0], device=DEVICE)
+    model = tiny_dit(DEVICE)
+    latents, timestep, text = tiny_dit_inputs(batch=2, device=DEVICE)
     with torch.inference_mode():
         fused, chain = both(model, latents, timestep, text)
     assert_close(fused, chain)

@@ -175,3 +175,31 @@ def save_tiny_wan(
     folder = Path(folder)
     pipeline.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
     return folder
+
+
+def tiny_dit(device: str | torch.device = "cpu", seed: int = 0):
+    """Our Wan DiT alone, two blocks of 2 heads x 16, random weights (``seed``): small enough
+    to compile or to run through Triton's interpreter in a test."""
+    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=24,
+        freq_dim=16,
+        ffn_dim=40,
+        num_layers=2,
+    )
+    return model.eval().to(device)
+
+
+def tiny_dit_inputs(batch: int = 1, device: str | torch.device = "cpu"):
+    """(latents, timesteps, text) for :func:`tiny_dit`: a 3x6x10 latent (45 tokens after
+    patching), timesteps 999, 500, ... and 7 text tokens, from the global RNG."""
+    latents = torch.randn(batch, 4, 3, 6, 10, device=device)
+    text = torch.randn(batch, 7, 24, device=device)
+    timestep = torch.tensor([999.0 - 499.0 * i for i in range(batch)], device=device)
+    return latents, timestep, text
