@@ -148,6 +148,7 @@ def main() -> None:
     from diffusers import UniPCMultistepScheduler
 
     from fastvideo.layers.fused_ops import fused_kernels
+    from fastvideo.models.compile import compile_blocks
 
     reference, ours = build_models(ns.shape)
     frames, height, width = SHAPES[ns.shape]["latent"]
@@ -226,20 +227,20 @@ def main() -> None:
         ]
     labels = []
     for label, model, is_ours in systems:
-        if ns.profile and not label.endswith(" compiled"):
-            with fused_kernels(False) if "kernels off" in label else contextlib.nullcontext():
+        compiled = label.endswith(" compiled")
+        kernels = fused_kernels(False) if "kernels off" in label else contextlib.nullcontext()
+        with kernels:
+            if ns.profile and not compiled:
                 results[f"{label}_kernels"] = kernel_breakdown(forward(model, is_ours))
-            print(label, results[f"{label}_kernels"], flush=True)
-        if label.endswith(" compiled"):
-            started = time.perf_counter()
-            for block in model.blocks:
-                block.compile()
-            with torch.inference_mode():
-                forward(model, is_ours)()
-            sync()
-            results[f"{label}_compile_s"] = time.perf_counter() - started
-        labels.append(label)
-        with fused_kernels(False) if "kernels off" in label else contextlib.nullcontext():
+                print(label, results[f"{label}_kernels"], flush=True)
+            if compiled:
+                started = time.perf_counter()
+                compile_blocks(model)
+                with torch.inference_mode():
+                    forward(model, is_ours)()
+                sync()
+                results[f"{label}_compile_s"] = time.perf_counter() - started
+            labels.append(label)
             seconds, peak = time_call(forward(model, is_ours), ns.repeats, ns.warmup)
             results[f"{label}_forward_s"] = seconds
             results[f"{label}_forward_peak_gib"] = peak
