@@ -1,10 +1,12 @@
-"""What is alive at the peak of one DiT forward: ours vs diffusers at the Wan2.1-1.3B shape.
+"""What is alive at the peak of one DiT forward (or VAE decode): ours vs diffusers.
 
 Records the CUDA caching allocator's history over one bf16 forward of each model (after a
 warm-up), replays it to the moment the allocated bytes peak, and prints the largest live
 blocks there with the innermost frame of this repository or diffusers that allocated them.
+cuDNN's convolution workspaces come from the same allocator, so they show up too.
 
     python -m bench.memory_peak [--shape 1.3b] [--top 12] [--json out.json]
+    python -m bench.memory_peak --vae [--chunk-frames 4]   # fp32 decode of 16x21x60x104
 """
 
 from __future__ import annotations
@@ -59,20 +61,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1.3b")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--vae", action="store_true", help="the Wan VAE decode instead")
+    parser.add_argument("--chunk-frames", type=int, default=1, help="ours: decode chunk (--vae)")
     parser.add_argument("--json", default=None)
     ns = parser.parse_args()
-    reference, ours = build_models(ns.shape)
-    frames, height, width = SHAPES[ns.shape]["latent"]
-    gen = torch.Generator("cuda").manual_seed(0)
-    latents = torch.randn(1, 16, frames, height, width, device="cuda", generator=gen).bfloat16()
-    text = torch.randn(1, 512, 4096, device="cuda", generator=gen).bfloat16()
-    timestep = torch.tensor([999.0], device="cuda")
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     with torch.inference_mode():
-        results["diffusers"] = peak_blocks(
-            lambda: reference(latents, timestep, text, return_dict=False)[0], ns.top
-        )
-        results["ours"] = peak_blocks(lambda: ours(latents, timestep, text), ns.top)
+        if ns.vae:
+            results.update(vae_peaks(ns.top, ns.chunk_frames))
+        else:
+            results.update(dit_peaks(ns.shape, ns.top))
     for name in ("diffusers", "ours"):
         r = results[name]
         peak = r["forward_peak_over_base_gib"]
@@ -82,6 +80,39 @@ def main() -> None:
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def vae_peaks(top: int, chunk_frames: int) -> dict:
+    """fp32 decode of 16x21x60x104 latents (81 frames at 480x832), random weights."""
+    from bench.vae import build_ours
+
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        reference = AutoencoderKLWan().eval().requires_grad_(False)
+    ours = build_ours(dict(reference.config), reference.state_dict(), "cuda", torch.float32)
+    ours.set_decode_chunk_frames(chunk_frames)
+    z = torch.randn(1, 16, 21, 60, 104, device="cuda", generator=torch.Generator("cuda"))
+    return {
+        "diffusers": peak_blocks(lambda: reference.decode(z, return_dict=False)[0], top),
+        "ours": peak_blocks(lambda: ours.decode(z), top),
+    }
+
+
+def dit_peaks(shape: str, top: int) -> dict:
+    reference, ours = build_models(shape)
+    frames, height, width = SHAPES[shape]["latent"]
+    gen = torch.Generator("cuda").manual_seed(0)
+    latents = torch.randn(1, 16, frames, height, width, device="cuda", generator=gen).bfloat16()
+    text = torch.randn(1, 512, 4096, device="cuda", generator=gen).bfloat16()
+    timestep = torch.tensor([999.0], device="cuda")
+    return {
+        "diffusers": peak_blocks(
+            lambda: reference(latents, timestep, text, return_dict=False)[0], top
+        ),
+        "ours": peak_blocks(lambda: ours(latents, timestep, text), top),
+    }
 
 
 if __name__ == "__main__":
