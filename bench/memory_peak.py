@@ -84,9 +84,9 @@ def main() -> None:
 
 def vae_peaks(top: int, chunk_frames: int) -> dict:
     """fp32 decode of 16x21x60x104 latents (81 frames at 480x832), random weights."""
-    from bench.vae import build_ours
-
     from diffusers import AutoencoderKLWan
+
+    from bench.vae import build_ours
 
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -103,6 +103,28 @@ def time_decode(fn, device: str, repeats: int, warmup: int):
         return statistics.median(times), peak, out.float().cpu()
 
 
+def kernel_profile(fn, top: int = 8) -> dict[str, Any]:
+    """CUDA kernel ms of one decode: convolutions (cuDNN / implicit GEMM kernels) vs the
+    rest, and the ``top`` kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    rows = [(e.self_device_time_total / 1e3, e.key) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[0] > 0), reverse=True)
+    conv_words = ("conv", "cudnn", "xmma", "implicit", "gemm", "cutlass", "sm90", "nhwc")
+    conv = sum(ms for ms, name in rows if any(w in name.lower() for w in conv_words))
+    return {
+        "conv_ms": round(conv, 1),
+        "other_ms": round(sum(ms for ms, _ in rows) - conv, 1),
+        "top": [(round(ms, 1), name[:90]) for ms, name in rows[:top]],
+    }
+
+
 def _split_rank(
     config: dict[str, Any],
     weights_path: str,
@@ -213,6 +235,10 @@ def main() -> None:
     parser.add_argument(
         "--channels-last", action="store_true", help="also ours with channels-last convolutions"
     )
+    parser.add_argument("--profile", action="store_true", help="kernel time per plain row")
+    parser.add_argument(
+        "--fp32-reference", action="store_true", help="also diff every row vs TF32-off diffusers"
+    )
     parser.add_argument("--json", default=None)
     ns = parser.parse_args()
     if ns.no_tf32:
@@ -276,6 +302,8 @@ def main() -> None:
             ours.use_channels_last("channels-last" in label)
         seconds, peak, outputs[label] = time_decode(fn, ns.device, ns.repeats, ns.warmup)
         rows[label] = {"time_s": seconds, "peak_gib": peak}
+        if ns.profile and cuda and "tiled" not in label:
+            rows[label]["kernels"] = kernel_profile(fn)
         print(json.dumps({label: rows[label]}), flush=True)
         if ns.json:  # partial results survive a run cut short
             Path(ns.json).write_text(json.dumps(results, indent=2))
@@ -287,6 +315,15 @@ def main() -> None:
         rows[label], outputs[label] = run_split(ns, reference, z, tile, dtype)
         print(json.dumps({label: rows[label]}), flush=True)
 
+    if ns.fp32_reference and cuda:
+        # What every row should approximate: diffusers' decode without TF32. Against it,
+        # TF32 rows' differences are their own rounding, not a disagreement with diffusers.
+        torch.backends.cudnn.allow_tf32 = False
+        with torch.inference_mode():
+            exact = diffusers_decode().float().cpu()
+        torch.backends.cudnn.allow_tf32 = True
+        for label, video in outputs.items():
+            rows[label]["max_abs_diff_vs_fp32_no_tf32"] = (video - exact).abs().max().item()
     reference_video = outputs["diffusers plain"]
     results["video"] = list(reference_video.shape[2:])
     for label, video in outputs.items():

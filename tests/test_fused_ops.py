@@ -145,6 +145,50 @@ def test_gelu_tanh_in_place():
     assert_close(fused, chain)
 
 
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((2, 40, 3, 5, 7), False), ((1, 96, 2, 6, 9), True), ((3, 33, 4, 6), False)],
+    ids=["ncthw", "channels-last-3d", "per-frame-nchw"],
+)
+def test_channel_rms_norm_silu(shape, channels_last, silu):
+    """The VAE's norm (+ SiLU): channel counts that are and are not a multiple of the
+    kernel's channel block, both memory layouts, out of place and in place."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(*shape, generator=gen).to(DEVICE) * 2
+    x[0, :, 0, 0] = 0.0  # a zero vector: F.normalize's eps keeps it 0, not NaN
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    gamma = torch.randn(shape[1], *([1] * (len(shape) - 2)), generator=gen).to(DEVICE)
+    scale = shape[1] ** 0.5
+    fused, chain = both(fused_ops.channel_rms_norm, x, gamma, scale, silu=silu)
+    assert_close(fused, chain)
+    assert fused.stride() == x.stride()
+    with fused_kernels(True):
+        same = x.clone(memory_format=torch.preserve_format)
+        assert fused_ops.channel_rms_norm(same, gamma, scale, silu=silu, inplace=True) is same
+    assert_close(same, chain)
+
+
+def test_vae_decode_with_and_without_kernels():
+    from fastvideo.models.vaes.wanvae import AutoencoderKLWan
+    from fastvideo.testing.tiny_wan import TinyWanConfig
+
+    c = TinyWanConfig()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=c.vae_base_dim,
+        z_dim=c.z_dim,
+        dim_mult=list(c.vae_dim_mult),
+        num_res_blocks=c.vae_num_res_blocks,
+        temperal_downsample=list(c.vae_temperal_downsample),
+    ).to(DEVICE)
+    z = torch.randn(1, c.z_dim, 2, 4, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with torch.inference_mode():
+        fused, chain = both(vae.decode, z)
+    assert_close(fused, chain)
+
+
 def test_whole_dit_forward_with_and_without_kernels():
     model = tiny_dit(DEVICE)
     latents, timestep, text = tiny_dit_inputs(batch=2, device=DEVICE)

@@ -19,7 +19,14 @@ from fastvideo.attention import DistributedAttention, LocalAttention
 from fastvideo.attention.backends.abstract import VideoGrid, _Backend
 from fastvideo.attention.backends.sliding_tile_attn import SlidingTileAttnImpl
 from fastvideo.attention.selector import ENV_VAR, forced_attention_backend
-from fastvideo.attention.sta_mask import SlidingTileConfig, sta_block_sparsity, sta_plan
+from fastvideo.attention.sta_mask import (
+    _PAD,
+    SlidingTileConfig,
+    _padding_key_mask_mod,
+    sta_block_sparsity,
+    sta_plan,
+    tile_layout,
+)
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 from fastvideo.models.loader.component_loader import load_component
@@ -96,35 +103,56 @@ def test_sliding_tile_attention_equals_dense_attention_under_the_tile_window_mas
     assert diff <= TOL
 
 
+@pytest.mark.parametrize("kv_block_size", [None, 8], ids=["kv-default", "kv8"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_block_mask_computes_exactly_the_allowed_blocks_and_never_a_padding_key(case):
+def test_block_mask_computes_exactly_the_allowed_blocks_and_never_a_padding_key(
+    case, kv_block_size
+):
     """What a block-sparse kernel computes: full blocks whole, partial blocks through
     mask_mod, nothing else (the eager path above applies mask_mod to every pair, so this
-    checks the block lists on their own)."""
+    checks the block lists on their own). Queries and keys have their own block sizes."""
     grid, tile, window, extra, block, _ = case
-    plan = sta_plan(grid, extra, SlidingTileConfig(tile, window, block), torch.device("cpu"))
+    config = SlidingTileConfig(tile, window, block, kv_block_size)
+    plan = sta_plan(grid, extra, config, torch.device("cpu"))
     bm = plan.block_mask
-    slots = plan.layout.num_slots
-    computed = torch.zeros(slots, slots, dtype=torch.bool)
+    query, key = plan.layout.query, plan.layout.key
+    kv_block = config.kv_block_size
+    computed = torch.zeros(query.num_slots, key.num_slots, dtype=torch.bool)
     partial_blocks = 0
-    for qb in range(slots // block):
+    for qb in range(query.num_blocks):
         rows = torch.arange(qb * block, (qb + 1) * block)
         for kb in bm.full_kv_indices[0, 0, qb, : bm.full_kv_num_blocks[0, 0, qb]].tolist():
-            computed[rows[:, None], torch.arange(kb * block, (kb + 1) * block)] = True
+            computed[rows[:, None], torch.arange(kb * kv_block, (kb + 1) * kv_block)] = True
         for kb in bm.kv_indices[0, 0, qb, : bm.kv_num_blocks[0, 0, qb]].tolist():
-            cols = torch.arange(kb * block, (kb + 1) * block)
+            cols = torch.arange(kb * kv_block, (kb + 1) * kv_block)
             values = bm.mask_mod(0, 0, rows[:, None], cols[None, :])
             # Partial blocks are the ones holding padding keys: some slots in, some out.
             assert values.any() and not values.all()
+            # What CUDA's kernel evaluates there instead: the padding-key test alone. Equal
+            # for every real query (padding queries' rows are computed and thrown away).
+            kernel = _padding_key_mask_mod(key)(0, 0, rows[:, None], cols[None, :])
+            real_rows = query.slot_kind[rows] != _PAD
+            assert torch.equal(kernel.expand_as(values)[real_rows], values[real_rows])
             computed[rows[:, None], cols[None, :]] = values
             partial_blocks += 1
 
-    real = plan.layout.slot_of_token
-    padding = torch.ones(slots, dtype=torch.bool)
-    padding[real] = False
+    q_real, k_real = query.slot_of_token, key.slot_of_token
+    padding = torch.ones(key.num_slots, dtype=torch.bool)
+    padding[k_real] = False
     assert not computed[:, padding].any()
-    assert torch.equal(computed[real][:, real], reference_mask(grid, tile, window, extra))
+    assert torch.equal(computed[q_real][:, k_real], reference_mask(grid, tile, window, extra))
     print(f"{_ids(case)}: sparsity {plan.layout.block_sparsity:.3f}, {partial_blocks} partial")
+
+
+def test_key_blocks_of_64_compute_less_than_128_at_the_wan_grid():
+    """Why the key side has its own, smaller block: at the 1.3B grid, 6x8x8 tiles and a
+    (3, 3, 3) window, fewer padding keys to compute and far fewer partially-masked blocks."""
+    grid = (21, 30, 52)
+    wide = tile_layout(grid, 0, SlidingTileConfig((6, 8, 8), (3, 3, 3), 128, 128))
+    default = tile_layout(grid, 0, SlidingTileConfig())
+    assert default.key.block_size == 64 and default.query.block_size == 128
+    assert default.dense_work_fraction < 0.95 * wide.dense_work_fraction
+    assert default.partial_block_fraction < 0.5 * wide.partial_block_fraction
 
 
 @pytest.mark.parametrize("extra", [0, 11])

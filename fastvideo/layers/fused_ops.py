@@ -167,3 +167,35 @@ def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         with _on_device(x):
             return _kernels().gelu_tanh_(x)
     return F.gelu(x, approximate=approximate)
+
+
+def channel_rms_norm(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    silu: bool = False,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """The video VAE's norm: each position's channel vector (dim 1) L2-normalised (in float32
+    for narrower dtypes), times ``scale`` and the per-channel ``gamma``, then SiLU if asked.
+    ``inplace=True`` lets the kernel write over ``x`` (a temporary the caller no longer
+    needs): one full-resolution activation fewer at the decoder's peak."""
+    flat_x = x.flatten(2) if x.ndim >= 3 else None
+    if (
+        _use_kernels(x, gamma)
+        and flat_x is not None
+        and flat_x.data_ptr() == x.data_ptr()
+        and flat_x._is_view()
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and gamma.numel() == x.shape[1]
+        and gamma.is_contiguous()
+    ):
+        out = x if inplace else torch.empty_like(x)
+        flat_out = out.flatten(2)
+        if flat_out._is_view() or flat_out is out:
+            with _on_device(x):
+                _kernels().channel_rms_norm_silu(flat_x, gamma, scale, 1e-12, silu, flat_out)
+            return out
+    src = x.float() if x.element_size() < 4 else x
+    y = F.normalize(src, dim=1).to(x.dtype) * scale * gamma
+    return F.silu(y) if silu else y

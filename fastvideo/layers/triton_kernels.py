@@ -224,3 +224,86 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     block = 4096
     _gelu_tanh_inplace_kernel[(triton.cdiv(numel, block),)](x, numel, BLOCK=block, num_warps=8)
     return x
+
+
+@triton.jit
+def _channel_rms_norm_silu_kernel(
+    x_ptr,
+    gamma_ptr,
+    out_ptr,
+    channels,
+    positions,
+    x_batch_stride,
+    x_channel_stride,
+    x_position_stride,
+    out_batch_stride,
+    out_channel_stride,
+    out_position_stride,
+    scale,
+    eps,
+    APPLY_SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    pos = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    pos_mask = pos < positions
+    x_base = x_ptr + batch * x_batch_stride + pos[None, :] * x_position_stride
+    out_base = out_ptr + batch * out_batch_stride + pos[None, :] * out_position_stride
+    # Pass 1: each position's sum of squares over the channels. Pass 2 reads the same tile
+    # again (from L2: BLOCK_C x BLOCK_S floats per step) and writes the result; every read of
+    # a position precedes its write within this program, so out may be x.
+    total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for start in range(0, channels, BLOCK_C):
+        ch = start + tl.arange(0, BLOCK_C)
+        mask = (ch[:, None] < channels) & pos_mask[None, :]
+        x = tl.load(x_base + ch[:, None] * x_channel_stride, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        total += tl.sum(x * x, axis=0)
+    # F.normalize: x / max(||x||, eps).
+    denom = tl.maximum(tl.sqrt(total), eps)
+    dtype = out_ptr.dtype.element_ty
+    for start in range(0, channels, BLOCK_C):
+        ch = start + tl.arange(0, BLOCK_C)
+        mask = (ch[:, None] < channels) & pos_mask[None, :]
+        x = tl.load(x_base + ch[:, None] * x_channel_stride, mask=mask, other=0.0)
+        gamma = tl.load(gamma_ptr + ch, mask=ch < channels, other=0.0).to(tl.float32)
+        # The module's rounding order: normalised (in the activation dtype), * scale, * gamma.
+        y = (x.to(tl.float32) / denom[None, :]).to(dtype).to(tl.float32)
+        y = (y * scale).to(dtype).to(tl.float32) * gamma[:, None]
+        y = y.to(dtype).to(tl.float32)
+        if APPLY_SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(out_base + ch[:, None] * out_channel_stride, y.to(dtype), mask=mask)
+
+
+def channel_rms_norm_silu(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    scale: float,
+    eps: float,
+    silu: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """``silu(F.normalize(x, dim=1) * scale * gamma)`` (or without the SiLU) for an
+    activation ``x`` and ``out`` viewed as (B, C, positions) with any strides (contiguous
+    NC... or channels-last); ``gamma``: contiguous (C,). ``out`` may be ``x``."""
+    batch, channels, positions = x.shape
+    block_s = 128
+    grid = (triton.cdiv(positions, block_s), batch)
+    _channel_rms_norm_silu_kernel[grid](
+        x,
+        gamma,
+        out,
+        channels,
+        positions,
+        *x.stride(),
+        *out.stride(),
+        scale,
+        eps,
+        APPLY_SILU=silu,
+        BLOCK_C=32,
+        BLOCK_S=block_s,
+        num_warps=4,
+    )
+    return out

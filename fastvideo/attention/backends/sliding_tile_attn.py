@@ -12,7 +12,8 @@ fine for the small CPU shapes tests use (compiling on CPU costs ~15 s per shape)
 
 ``FASTVIDEO_FLEX_KERNEL_OPTIONS`` (JSON, e.g. ``{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps":
 8}``) passes FlexAttention's ``kernel_options`` on CUDA; ``bench/sta_kernel.py`` times the
-candidates at a shape. Block sizes must divide the block mask's 128.
+candidates at a shape. ``BLOCK_M`` must divide the block mask's query block (128) and
+``BLOCK_N`` its key block (64 by default).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class SlidingTileAttnImpl(AttentionImpl):
                 f"least {n} queries, got {key.shape[1]}, {value.shape[1]} and {query.shape[1]}"
             )
         plan = sta_plan(video_grid.shape, video_grid.extra_tokens, self.config, query.device)
-        q, k, v = (plan.to_tile_major(t) for t in (query[:, :n], key, value))  # (B, H, L, D)
+        q = plan.queries_to_tile_major(query[:, :n])  # (B, H, Lq, D)
+        k, v = plan.keys_to_tile_major(key), plan.keys_to_tile_major(value)  # (B, H_kv, Lkv, D)
         out = _flex_attention(
             q,
             k,

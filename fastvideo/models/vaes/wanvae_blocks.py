@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvideo.layers.fused_ops import channel_rms_norm
+
 # Temporal kernel size 3 with causal padding means each cached conv looks back 2 frames.
 CACHE_FRAMES = 2
 
@@ -80,11 +82,12 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Sub-fp32 inputs are normalised in fp32: their sum of squares loses too much precision.
-        src = x.float() if x.element_size() < 4 else x
-        normalized = F.normalize(src, dim=1).to(x.dtype)
-        return normalized * self.scale * self.gamma
+    def forward(self, x: torch.Tensor, silu: bool = False, inplace: bool = False) -> torch.Tensor:
+        """The norm, then SiLU if ``silu``; one fused pass on CUDA (``fused_ops``), which
+        may write over ``x`` when ``inplace`` (the caller's temporary, read by nobody else).
+        Sub-fp32 inputs are normalised in fp32: their sum of squares loses too much
+        precision."""
+        return channel_rms_norm(x, self.gamma, self.scale, silu=silu, inplace=inplace)
 
 
 class NearestUpsample2x(nn.Module):
@@ -175,9 +178,9 @@ class ResidualBlock(nn.Module):
         # next exists: nesting the calls would keep conv1's output alive through conv2,
         # one more full-resolution activation at the decoder's peak.
         shortcut = self.conv_shortcut(x)
-        x = F.silu(self.norm1(x))
+        x = self.norm1(x, silu=True)  # not in place: x may be the shortcut itself
         x = self.conv1(x, cache)
-        x = F.silu(self.norm2(x))
+        x = self.norm2(x, silu=True, inplace=True)  # conv1's fresh output
         x = self.conv2(self.dropout(x), cache)
         return x + shortcut
 
@@ -295,7 +298,7 @@ class Encoder3d(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, cache)
-        x = F.silu(self.norm_out(x))  # rebinds x to free the block output (see ResidualBlock)
+        x = self.norm_out(x, silu=True, inplace=True)  # the block output: nobody else reads it
         return self.conv_out(x, cache)
 
 
@@ -340,5 +343,5 @@ class Decoder3d(nn.Module):
         x = self.mid_block(x, cache)
         for block in self.up_blocks:
             x = block(x, cache, first_chunk)
-        x = F.silu(self.norm_out(x))  # rebinds x to free the block output (see ResidualBlock)
+        x = self.norm_out(x, silu=True, inplace=True)  # the block output: nobody else reads it
         return self.conv_out(x, cache)
