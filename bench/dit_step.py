@@ -87,8 +87,9 @@ def build_models(shape: str):
     return reference.requires_grad_(False), ours.requires_grad_(False)
 
 
-def kernel_breakdown(fn) -> dict[str, float]:
-    """CUDA kernel milliseconds of one call of ``fn``: attention, matmul, other."""
+def kernel_breakdown(fn) -> dict:
+    """CUDA kernel milliseconds of one call of ``fn``: attention, matmul, other (and the
+    largest "other" kernels by name)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -97,6 +98,7 @@ def kernel_breakdown(fn) -> dict[str, float]:
         fn()
         sync()
     totals = {"attention_ms": 0.0, "matmul_ms": 0.0, "other_ms": 0.0}
+    others = []
     for event in prof.key_averages():
         name = event.key.lower()
         ms = event.self_device_time_total / 1e3
@@ -108,7 +110,10 @@ def kernel_breakdown(fn) -> dict[str, float]:
             totals["matmul_ms"] += ms
         else:
             totals["other_ms"] += ms
-    return {k: round(v, 1) for k, v in totals.items()}
+            others.append((round(ms, 1), event.key[:80]))
+    result: dict = {k: round(v, 1) for k, v in totals.items()}
+    result["top_other"] = sorted(others, reverse=True)[:8]
+    return result
 
 
 def time_call(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:

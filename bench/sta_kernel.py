@@ -31,8 +31,8 @@ CANDIDATES = (
     (64, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}),
     (64, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
     (64, TMA),
-    (64, {**TMA, "num_stages": 4}),
-    (64, {**TMA, "num_stages": 2}),
+    (64, {**TMA, "ROWS_GUARANTEED_SAFE": True}),
+    (64, {**TMA, "PRESCALE_QK": True}),
 )
 
 

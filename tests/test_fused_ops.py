@@ -170,7 +170,10 @@ def test_channel_rms_norm_silu(shape, channels_last, silu):
     assert_close(same, chain)
 
 
-def test_vae_decode_with_and_without_kernels():
+@pytest.mark.parametrize("chunk_frames, channels_last", [(1, False), (2, True)])
+def test_vae_decode_with_and_without_kernels(chunk_frames, channels_last):
+    """The fused norm writes into the causal convolutions' padded inputs: frame by frame
+    (single-frame chunks topping up the cache) and in chunks, in both memory layouts."""
     from fastvideo.models.vaes.wanvae import AutoencoderKLWan
     from fastvideo.testing.tiny_wan import TinyWanConfig
 
@@ -183,10 +186,25 @@ def test_vae_decode_with_and_without_kernels():
         num_res_blocks=c.vae_num_res_blocks,
         temperal_downsample=list(c.vae_temperal_downsample),
     ).to(DEVICE)
-    z = torch.randn(1, c.z_dim, 2, 4, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    with torch.inference_mode():
+    vae.set_decode_chunk_frames(chunk_frames)
+    vae.use_channels_last(channels_last)
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(1, c.z_dim, 4, 4, 6, generator=gen).to(DEVICE)
+    video = torch.randn(1, 3, 9, 16, 24, generator=gen).to(DEVICE)
+    stacked = []
+    real = fused_ops._kernels().channel_rms_norm_silu
+
+    def spy(*args):
+        stacked.append(len(args) > 6 and bool(args[6]))  # shift_stride: the stacked path
+        return real(*args)
+
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_ops._kernels(), "channel_rms_norm_silu", spy)
         fused, chain = both(vae.decode, z)
-    assert_close(fused, chain)
+        assert_close(fused, chain)
+        assert any(stacked)
+        fused, chain = both(lambda v: vae.encode(v).mean, video)
+        assert_close(fused, chain)
 
 
 def test_whole_dit_forward_with_and_without_kernels():

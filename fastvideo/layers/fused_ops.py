@@ -175,27 +175,56 @@ def channel_rms_norm(
     scale: float,
     silu: bool = False,
     inplace: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The video VAE's norm: each position's channel vector (dim 1) L2-normalised (in float32
-    for narrower dtypes), times ``scale`` and the per-channel ``gamma``, then SiLU if asked.
+    for narrower dtypes), times ``scale`` and the per-channel ``gamma``, then SiLU if asked;
+    x is (B, C, T, H, W) or (B, C, H, W) with any strides.
+
     ``inplace=True`` lets the kernel write over ``x`` (a temporary the caller no longer
-    needs): one full-resolution activation fewer at the decoder's peak."""
-    flat_x = x.flatten(2) if x.ndim >= 3 else None
-    if (
-        _use_kernels(x, gamma)
-        and flat_x is not None
-        and flat_x.data_ptr() == x.data_ptr()
-        and flat_x._is_view()
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and gamma.numel() == x.shape[1]
-        and gamma.is_contiguous()
-    ):
-        out = x if inplace else torch.empty_like(x)
-        flat_out = out.flatten(2)
-        if flat_out._is_view() or flat_out is out:
-            with _on_device(x):
-                _kernels().channel_rms_norm_silu(flat_x, gamma, scale, 1e-12, silu, flat_out)
-            return out
+    needs); ``out=`` writes the result into that tensor of x's shape (e.g. the interior of a
+    convolution's padded input) and returns it. Either saves a full-resolution activation at
+    the decoder's peak."""
+    if _use_kernels(x, gamma) and channel_norm_fuses(x, gamma):
+        target = x if inplace else out if out is not None else torch.empty_like(x)
+        as_5d = (lambda t: t) if x.ndim == 5 else (lambda t: t.unsqueeze(2))
+        with _on_device(x):
+            _kernels().channel_rms_norm_silu(as_5d(x), gamma, scale, 1e-12, silu, as_5d(target))
+        return target
     src = x.float() if x.element_size() < 4 else x
     y = F.normalize(src, dim=1).to(x.dtype) * scale * gamma
-    return F.silu(y) if silu else y
+    y = F.silu(y) if silu else y
+    return out.copy_(y) if out is not None else y
+
+
+def channel_norm_fuses(x: torch.Tensor, gamma: torch.Tensor | None = None) -> bool:
+    """Whether ``channel_rms_norm`` (and ``write_stacked_frames``) run their one-pass kernel
+    for this x (the caller may build the output buffer differently when they do)."""
+    return (
+        _use_kernels(x, gamma)
+        and x.ndim in (4, 5)
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and (gamma is None or (gamma.numel() == x.shape[1] and gamma.is_contiguous()))
+    )
+
+
+def write_stacked_frames(
+    x: torch.Tensor,
+    stacked: torch.Tensor,
+    first_frame: int,
+    gamma: torch.Tensor | None = None,
+    scale: float = 1.0,
+    silu: bool = False,
+) -> None:
+    """Write (B, C, T, H, W) ``x`` -- or ``silu(norm(x))`` with the norm's ``gamma`` /
+    ``scale`` -- into ``stacked``, a (B, T_out, 3, C, H, W) view of a temporal-kernel-3
+    convolution's input where ``stacked[:, f, s]`` is frame ``f + s`` of the padded frame
+    sequence, in which x starts at ``first_frame``. One read of x, three writes; only where
+    ``channel_norm_fuses(x, gamma)``."""
+    if not channel_norm_fuses(x, gamma):
+        raise RuntimeError("write_stacked_frames needs the fused kernels (see channel_norm_fuses)")
+    out = stacked[:, :, 0].transpose(1, 2)  # (B, C, T_out, H, W), shifts at stride(2)
+    with _on_device(x):
+        _kernels().channel_rms_norm_silu(
+            x, gamma, scale, 1e-12, silu, out, stacked.stride(2), first_frame
+        )

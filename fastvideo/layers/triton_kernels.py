@@ -232,76 +232,114 @@ def _channel_rms_norm_silu_kernel(
     gamma_ptr,
     out_ptr,
     channels,
-    positions,
-    x_batch_stride,
-    x_channel_stride,
-    x_position_stride,
-    out_batch_stride,
-    out_channel_stride,
-    out_position_stride,
+    frames,
+    height,
+    width,
+    xs_b,
+    xs_c,
+    xs_t,
+    xs_h,
+    xs_w,
+    os_b,
+    os_c,
+    os_t,
+    os_h,
+    os_w,
+    os_shift,
+    first_frame,
+    out_frames,
     scale,
     eps,
+    NORM: tl.constexpr,
     APPLY_SILU: tl.constexpr,
+    SHIFTS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     pos = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    pos_mask = pos < positions
-    x_base = x_ptr + batch * x_batch_stride + pos[None, :] * x_position_stride
-    out_base = out_ptr + batch * out_batch_stride + pos[None, :] * out_position_stride
-    # Pass 1: each position's sum of squares over the channels. Pass 2 reads the same tile
-    # again (from L2: BLOCK_C x BLOCK_S floats per step) and writes the result; every read of
-    # a position precedes its write within this program, so out may be x.
-    total = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for start in range(0, channels, BLOCK_C):
-        ch = start + tl.arange(0, BLOCK_C)
-        mask = (ch[:, None] < channels) & pos_mask[None, :]
-        x = tl.load(x_base + ch[:, None] * x_channel_stride, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        total += tl.sum(x * x, axis=0)
-    # F.normalize: x / max(||x||, eps).
-    denom = tl.maximum(tl.sqrt(total), eps)
+    pos_mask = pos < frames * height * width
+    # Positions are row-major (t, h, w) whatever the strides: x and out may be permuted
+    # views, a channels-last tensor or the interior of a padded buffer.
+    w = pos % width
+    h = (pos // width) % height
+    t = pos // (width * height)
+    x_base = x_ptr + batch * xs_b + (t * xs_t + h * xs_h + w * xs_w)[None, :]
+    out_spatial = out_ptr + batch * os_b + (h * os_h + w * os_w)[None, :]
+    denom = tl.full([BLOCK_S], 1.0, dtype=tl.float32)
+    if NORM:
+        # Pass 1: each position's sum of squares over the channels. Pass 2 reads the same
+        # tile again (from L2) and writes the result; every read of a position precedes its
+        # writes within this program, so out may be x.
+        total = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for start in range(0, channels, BLOCK_C):
+            ch = start + tl.arange(0, BLOCK_C)
+            mask = (ch[:, None] < channels) & pos_mask[None, :]
+            x = tl.load(x_base + ch[:, None] * xs_c, mask=mask, other=0.0).to(tl.float32)
+            total += tl.sum(x * x, axis=0)
+        # F.normalize: x / max(||x||, eps).
+        denom = tl.maximum(tl.sqrt(total), eps)
     dtype = out_ptr.dtype.element_ty
     for start in range(0, channels, BLOCK_C):
         ch = start + tl.arange(0, BLOCK_C)
         mask = (ch[:, None] < channels) & pos_mask[None, :]
-        x = tl.load(x_base + ch[:, None] * x_channel_stride, mask=mask, other=0.0)
-        gamma = tl.load(gamma_ptr + ch, mask=ch < channels, other=0.0).to(tl.float32)
-        # The module's rounding order: normalised (in the activation dtype), * scale, * gamma.
-        y = (x.to(tl.float32) / denom[None, :]).to(dtype).to(tl.float32)
-        y = (y * scale).to(dtype).to(tl.float32) * gamma[:, None]
-        y = y.to(dtype).to(tl.float32)
+        x = tl.load(x_base + ch[:, None] * xs_c, mask=mask, other=0.0)
+        y = x.to(tl.float32)
+        if NORM:
+            gamma = tl.load(gamma_ptr + ch, mask=ch < channels, other=0.0).to(tl.float32)
+            # The module's rounding order: normalised (activation dtype), * scale, * gamma.
+            y = (y / denom[None, :]).to(dtype).to(tl.float32)
+            y = (y * scale).to(dtype).to(tl.float32) * gamma[:, None]
+            y = y.to(dtype).to(tl.float32)
         if APPLY_SILU:
             y = y / (1.0 + tl.exp(-y))
-        tl.store(out_base + ch[:, None] * out_channel_stride, y.to(dtype), mask=mask)
+        y = y.to(dtype)
+        # Input frame t is frame first_frame + t of the output sequence; with SHIFTS = 3 it
+        # is also written shifted: output frame f - s, channel block s (s = 0, 1, 2), the
+        # three frames a temporal kernel of 3 reads, stacked along channels.
+        for shift in tl.static_range(SHIFTS):
+            frame = first_frame + t - shift
+            ok = (frame >= 0) & (frame < out_frames)
+            dst = out_spatial + (frame * os_t + shift * os_shift)[None, :] + ch[:, None] * os_c
+            tl.store(dst, y, mask=mask & ok[None, :])
 
 
 def channel_rms_norm_silu(
     x: torch.Tensor,
-    gamma: torch.Tensor,
+    gamma: torch.Tensor | None,
     scale: float,
     eps: float,
     silu: bool,
     out: torch.Tensor,
+    shift_stride: int = 0,
+    first_frame: int = 0,
 ) -> torch.Tensor:
-    """``silu(F.normalize(x, dim=1) * scale * gamma)`` (or without the SiLU) for an
-    activation ``x`` and ``out`` viewed as (B, C, positions) with any strides (contiguous
-    NC... or channels-last); ``gamma``: contiguous (C,). ``out`` may be ``x``."""
-    batch, channels, positions = x.shape
+    """``silu(F.normalize(x, dim=1) * scale * gamma)`` (without the norm when ``gamma`` is
+    None, without the SiLU unless ``silu``) for (B, C, T, H, W) ``x``, written to ``out``: x's
+    shape, or (B, C, T', H, W) taking x's frames at ``first_frame``. With ``shift_stride``,
+    out's frame f also receives frames f + 1 and f + 2 at ``shift_stride`` and twice that
+    (``CausalConv3d``'s stacked-frame buffer). Any strides; ``out`` may be ``x``."""
+    batch, channels, frames, height, width = x.shape
     block_s = 128
-    grid = (triton.cdiv(positions, block_s), batch)
+    grid = (triton.cdiv(frames * height * width, block_s), batch)
     _channel_rms_norm_silu_kernel[grid](
         x,
-        gamma,
+        x if gamma is None else gamma,
         out,
         channels,
-        positions,
+        frames,
+        height,
+        width,
         *x.stride(),
         *out.stride(),
+        shift_stride,
+        first_frame,
+        out.shape[2],
         scale,
         eps,
+        NORM=gamma is not None,
         APPLY_SILU=silu,
+        SHIFTS=3 if shift_stride else 1,
         BLOCK_C=32,
         BLOCK_S=block_s,
         num_warps=4,
