@@ -147,7 +147,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="kernel time breakdown")
     parser.add_argument("--sta-only", action="store_true", help="with --sta: only the STA rows")
     parser.add_argument(
-        "--sta-kv-blocks", default="64", help="with --sta: key block sizes to time, e.g. 64,128"
+        "--sta-blocks",
+        default="128x64",
+        help="with --sta: (query x key) block sizes to time, e.g. 128x64,64x64",
     )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ns = parser.parse_args()
@@ -220,18 +222,21 @@ def main() -> None:
         results["sta_window"] = list(window)
         with torch.inference_mode():
             dense_out = forward(ours, True)().float()
-        for kv_block in (int(b) for b in ns.sta_kv_blocks.split(",")):
-            config = SlidingTileConfig(tile=(6, 8, 8), window=window, kv_block_size=kv_block)
+        default = SlidingTileConfig(tile=(6, 8, 8), window=window)
+        for blocks in ns.sta_blocks.split(","):
+            q_block, kv_block = (int(b) for b in blocks.split("x"))
+            config = SlidingTileConfig((6, 8, 8), window, q_block, kv_block)
             sta = build_ours(ns.shape, reference, "SLIDING_TILE_ATTN", config)
             layout = tile_layout(grid, 0, config)
-            label = f"ours STA {ns.sta}" + (f", key blocks {kv_block}" if kv_block != 64 else "")
+            is_default = config == default
+            label = f"ours STA {ns.sta}" + ("" if is_default else f", blocks {blocks}")
             results[f"{label}_block_sparsity"] = layout.block_sparsity
             results[f"{label}_dense_work_fraction"] = layout.dense_work_fraction
             with torch.inference_mode():
                 sta_out = forward(sta, True)().float()
             diff = (sta_out - dense_out).abs().max().item()
             results[f"{label}_max_abs_diff_vs_dense"] = diff
-            if kv_block == 64:
+            if is_default:
                 results["sta_block_sparsity"] = layout.block_sparsity
                 results["sta_max_abs_diff_vs_dense"] = diff
             systems.append((label, sta, True))
