@@ -130,6 +130,39 @@ def test_rms_norm_rotary_on_a_fused_qkv_slice(heads, head_dim, grid):
         assert_close(fused, chain)
 
 
+def test_rms_norm_rotary_writes_an_attention_layout():
+    """Tokens scattered to the rows a backend asks for, padding rows zero, kernel = chain."""
+    from fastvideo.layers.fused_ops import TokenRows
+
+    gen = torch.Generator().manual_seed(7)
+    grid, heads, head_dim = (2, 3, 4), 2, 8
+    rows = 24
+    src = torch.randn(2, rows, heads * head_dim, generator=gen).to(DEVICE)
+    weight = torch.randn(heads * head_dim, generator=gen).to(DEVICE)
+    cos, sin = WanRotaryPosEmbed(head_dim, 1024)(grid, torch.device(DEVICE))
+    order = torch.randperm(rows + 5, generator=gen)
+    arrangement = TokenRows(order[:rows].to(DEVICE), order[rows:].to(DEVICE), rows + 5)
+    fused, chain = both(fused_ops.rms_norm_rotary, src, weight, 1e-6, cos, sin, heads, arrangement)
+    assert_close(fused, chain)
+    with fused_kernels(False):
+        plain = fused_ops.rms_norm_rotary(src, weight, 1e-6, cos, sin, heads)
+    assert torch.equal(chain[:, arrangement.rows], plain)
+    assert not fused[:, arrangement.padding].any()
+
+
+def test_sliding_tile_dit_with_and_without_kernels():
+    """The DiT with sliding-tile attention: q and k written straight into its layout."""
+    from fastvideo.attention.selector import forced_attention_backend
+    from fastvideo.attention.sta_mask import SlidingTileConfig
+
+    with forced_attention_backend("SLIDING_TILE_ATTN", SlidingTileConfig((1, 2, 2), (3, 1, 3), 8)):
+        model = tiny_dit(DEVICE)
+    latents, timestep, text = tiny_dit_inputs(batch=2, device=DEVICE)
+    with torch.inference_mode():
+        fused, chain = both(model, latents, timestep, text)
+    assert_close(fused, chain)
+
+
 def test_gelu_tanh_in_place():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 7, 1000, generator=gen).to(DEVICE) * 3

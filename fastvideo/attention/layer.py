@@ -49,8 +49,19 @@ class LocalAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         video_grid: VideoGrid | None = None,
+        arranged: bool = False,
     ) -> torch.Tensor:
-        return self._attend(query, key, value, video_grid)
+        return self._attend(query, key, value, video_grid, arranged)
+
+    def token_arrangement(self, video_grid: VideoGrid | None, device: torch.device):
+        """Where this layer's backend wants q, k and v rows (an object with ``query_rows``,
+        ``key_rows`` and ``key_token_of_slot``), for callers that can write them there
+        themselves and then pass ``arranged=True``; None when the backend keeps token
+        order."""
+        arrange = getattr(self.impl, "token_arrangement", None)
+        if arrange is None or video_grid is None:
+            return None
+        return arrange(video_grid, device)
 
     def _attend(
         self,
@@ -58,6 +69,7 @@ class LocalAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         video_grid: VideoGrid | None,
+        arranged: bool = False,
     ) -> torch.Tensor:
         """The backend kernel; ``video_grid`` reaches only the backends that lay their
         pattern over the video (the rest ignore it)."""
@@ -68,6 +80,8 @@ class LocalAttention(nn.Module):
                 f"{self.backend.get_enum().name} needs to know where the tokens sit in the "
                 "video, but this layer was called without video_grid="
             )
+        if arranged:
+            return self.impl.forward(query, key, value, video_grid=video_grid, arranged=True)
         return self.impl.forward(query, key, value, video_grid=video_grid)
 
     def extra_repr(self) -> str:
@@ -100,13 +114,25 @@ class DistributedAttention(LocalAttention):
         value: torch.Tensor,
         seq_len: int | None = None,
         video_grid: VideoGrid | None = None,
+        arranged: bool = False,
     ) -> torch.Tensor:
         sp = get_sp_world_size()
         if sp == 1:
+            if arranged:
+                return self._attend(query, key, value, video_grid, arranged=True)
             if seq_len is not None and seq_len < key.shape[1]:
                 key, value = key[:, :seq_len], value[:, :seq_len]
             return self._attend(query, key, value, video_grid)
+        if arranged:
+            raise ValueError("arranged=True is for one rank: token_arrangement() was None")
         return self._forward_sequence_parallel(query, key, value, seq_len, sp, video_grid)
+
+    def token_arrangement(self, video_grid: VideoGrid | None, device: torch.device):
+        """As LocalAttention's, on one rank only: with sequence parallelism q, k and v
+        cross an all-to-all in token order first."""
+        if get_sp_world_size() > 1:
+            return None
+        return super().token_arrangement(video_grid, device)
 
     def _forward_sequence_parallel(
         self,

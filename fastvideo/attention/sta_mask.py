@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from fastvideo.layers.fused_ops import TokenRows
+
 Triple = tuple[int, int, int]
 
 # What a slot of the padded tile-major sequence holds.
@@ -278,13 +280,17 @@ def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass(frozen=True)
 class StaPlan:
     """What one forward at one resolution needs on its device: the gathers into and out of
-    the padded tile-major orders, and the block mask over them."""
+    the padded tile-major orders, and the block mask over them. ``query_rows`` /
+    ``key_rows`` place tokens in those orders for a producer that writes them there itself
+    (``fused_ops.rms_norm_rotary``); ``key_token_of_slot`` gathers values alike."""
 
     layout: TileLayout
     query_token_of_slot: torch.Tensor
     key_token_of_slot: torch.Tensor
     query_slot_of_token: torch.Tensor
     block_mask: BlockMask
+    query_rows: TokenRows
+    key_rows: TokenRows
 
     def queries_to_tile_major(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, H, D) queries in model order -> (B, H, Lq, D) padded tile-major slots."""
@@ -329,7 +335,14 @@ def sta_plan(
         key_token_of_slot=key.token_of_slot.to(device),
         query_slot_of_token=query.slot_of_token.to(device),
         block_mask=block_mask,
+        query_rows=_token_rows(query, device),
+        key_rows=_token_rows(key, device),
     )
+
+
+def _token_rows(side: SlotLayout, device: torch.device) -> TokenRows:
+    padding = torch.nonzero(side.slot_kind == _PAD).flatten()
+    return TokenRows(side.slot_of_token.to(device), padding.to(device), side.num_slots)
 
 
 def _to_device(side: SlotLayout, device: torch.device) -> SlotLayout:

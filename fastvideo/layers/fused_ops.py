@@ -135,10 +135,15 @@ def rms_norm_rotary(
     cos: torch.Tensor,
     sin: torch.Tensor,
     num_heads: int,
+    arrangement: TokenRows | None = None,
 ) -> torch.Tensor:
     """(B, S, H*D) -> RMSNorm over the H*D features (weight cast to src's dtype, as
     ``F.rms_norm`` gets it), heads split out, interleaved pairs rotated by float32 ``cos`` /
-    ``sin`` of shape (1, S, 1, D/2): a (B, S, H, D) tensor in src's dtype."""
+    ``sin`` of shape (1, S, 1, D/2): a (B, S, H, D) tensor in src's dtype.
+
+    With ``arrangement``, token ``s`` lands in row ``arrangement.rows[s]`` of a (B, L, H, D)
+    tensor whose other rows (padding) are zero: an attention backend's own token layout,
+    written by the same pass instead of gathered afterwards."""
     batch, rows, inner = src.shape
     cos2, sin2 = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
     if (
@@ -153,10 +158,33 @@ def rms_norm_rotary(
         and cos2.is_contiguous()
         and sin2.is_contiguous()
     ):
+        out = None if arrangement is None else arrangement.empty(src, num_heads)
+        rows_index = None if arrangement is None else arrangement.rows
         with _on_device(src):
-            return _kernels().rms_norm_rotary(src, weight, cos2, sin2, num_heads, eps)
+            return _kernels().rms_norm_rotary(
+                src, weight, cos2, sin2, num_heads, eps, out=out, out_rows=rows_index
+            )
     normed = F.rms_norm(src, (inner,), weight.to(src.dtype), eps)
-    return apply_interleaved_rotary(normed.unflatten(2, (num_heads, -1)), cos, sin)
+    result = apply_interleaved_rotary(normed.unflatten(2, (num_heads, -1)), cos, sin)
+    if arrangement is None:
+        return result
+    out = arrangement.empty(src, num_heads)
+    out[:, arrangement.rows] = result
+    return out
+
+
+class TokenRows:
+    """Where each of S tokens goes in an L-row layout (``rows``, int64 on the tokens'
+    device), and which rows hold no token (``padding``, zeroed so no stale memory -- a NaN
+    -- reaches a kernel that multiplies by zero weights)."""
+
+    def __init__(self, rows: torch.Tensor, padding: torch.Tensor, length: int) -> None:
+        self.rows, self.padding, self.length = rows, padding, length
+
+    def empty(self, src: torch.Tensor, num_heads: int) -> torch.Tensor:
+        batch, _, inner = src.shape
+        out = src.new_empty(batch, self.length, num_heads, inner // num_heads)
+        return out.index_fill_(1, self.padding, 0) if self.padding.numel() else out
 
 
 def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:

@@ -140,15 +140,21 @@ def _rms_norm_rotary_kernel(
     weight_ptr,
     cos_ptr,
     sin_ptr,
+    out_rows_ptr,
     src_row_stride,
     rows_per_batch,
+    out_rows_per_batch,
     inner,
     half_head_dim,
     eps,
+    SCATTER: tl.constexpr,
     BLOCK_PAIRS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 at 14B sizes
     token = row % rows_per_batch
+    out_row = row
+    if SCATTER:  # the token's row in an attention backend's own layout
+        out_row = (row // rows_per_batch) * out_rows_per_batch + tl.load(out_rows_ptr + token)
     pairs = tl.arange(0, BLOCK_PAIRS)
     mask = pairs < inner // 2
     src = src_ptr + row * src_row_stride + 2 * pairs
@@ -164,7 +170,7 @@ def _rms_norm_rotary_kernel(
     freq = token * half_head_dim + pairs % half_head_dim
     cos = tl.load(cos_ptr + freq, mask=mask, other=0.0)
     sin = tl.load(sin_ptr + freq, mask=mask, other=0.0)
-    dst = out_ptr + row * inner + 2 * pairs
+    dst = out_ptr + out_row * inner + 2 * pairs
     tl.store(dst, (even * cos - odd * sin).to(dtype), mask=mask)
     tl.store(dst + 1, (even * sin + odd * cos).to(dtype), mask=mask)
 
@@ -176,17 +182,21 @@ def rms_norm_rotary(
     sin: torch.Tensor,
     num_heads: int,
     eps: float,
+    out: torch.Tensor | None = None,
+    out_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RMSNorm over all heads' features of each token, then the interleaved-pair rotation by
     float32 angles, as ``apply_interleaved_rotary(rms_norm(src).unflatten(2, (H, -1)), cos, sin)``.
 
     ``src``: (B, S, H*D) with unit last stride (a column slice of the fused q/k/v output is
     fine); ``weight``: (H*D,); ``cos`` / ``sin``: contiguous float32 (S, D/2). Returns a
-    contiguous (B, S, H, D) tensor in src's dtype."""
+    contiguous (B, S, H, D) tensor in src's dtype, or writes token ``s`` to row
+    ``out_rows[s]`` of the given contiguous (B, L, H, D) ``out``."""
     batch, rows, inner = src.shape
-    out = torch.empty(
-        batch, rows, num_heads, inner // num_heads, dtype=src.dtype, device=src.device
-    )
+    if out is None:
+        out = torch.empty(
+            batch, rows, num_heads, inner // num_heads, dtype=src.dtype, device=src.device
+        )
     block = triton.next_power_of_2(inner // 2)
     _rms_norm_rotary_kernel[(batch * rows,)](
         src,
@@ -194,11 +204,14 @@ def rms_norm_rotary(
         weight,
         cos,
         sin,
+        src if out_rows is None else out_rows,
         src.stride(1),
         rows,
+        out.shape[1],
         inner,
         inner // num_heads // 2,
         eps,
+        SCATTER=out_rows is not None,
         BLOCK_PAIRS=block,
         num_warps=_warps(block),
     )

@@ -114,26 +114,45 @@ class SlidingTileAttnImpl(AttentionImpl):
             config = sliding_tile_config()
         self.config = config
 
+    def token_arrangement(self, video_grid: VideoGrid, device: torch.device):
+        """The plan whose ``query_rows`` / ``key_rows`` / ``key_token_of_slot`` say where
+        q, k and v go for ``forward(..., arranged=True)``: a producer that writes them there
+        itself saves this backend three gathers."""
+        return sta_plan(video_grid.shape, video_grid.extra_tokens, self.config, device)
+
     def forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         video_grid: VideoGrid | None = None,
+        arranged: bool = False,
     ) -> torch.Tensor:
         """(B, Sq, H, D) queries, (B, N, H_kv, D) keys/values -> (B, Sq, H, D). The ``N``
-        tokens are ``video_grid``'s; queries past them (sequence-parallel padding) get zeros."""
+        tokens are ``video_grid``'s; queries past them (sequence-parallel padding) get zeros.
+        ``arranged``: q, k and v are already in ``token_arrangement``'s rows (B, L, H, D)."""
         if video_grid is None:
             raise ValueError("sliding-tile attention needs video_grid= (where the tokens sit)")
         n = video_grid.num_tokens
-        if key.shape[1] != n or value.shape[1] != n or query.shape[1] < n:
+        plan = sta_plan(video_grid.shape, video_grid.extra_tokens, self.config, query.device)
+        if arranged:
+            lq, lkv = plan.query_rows.length, plan.key_rows.length
+            if query.shape[1] != lq or key.shape[1] != lkv or value.shape[1] != lkv:
+                raise ValueError(
+                    f"arranged sliding-tile attention over {video_grid} expects {lq} query "
+                    f"and {lkv} key/value rows, got {query.shape[1]}, {key.shape[1]} and "
+                    f"{value.shape[1]}"
+                )
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+            query = query[:, :n]  # only its length matters below
+        elif key.shape[1] != n or value.shape[1] != n or query.shape[1] < n:
             raise ValueError(
                 f"sliding-tile attention over {video_grid} expects {n} keys and values and at "
                 f"least {n} queries, got {key.shape[1]}, {value.shape[1]} and {query.shape[1]}"
             )
-        plan = sta_plan(video_grid.shape, video_grid.extra_tokens, self.config, query.device)
-        q = plan.queries_to_tile_major(query[:, :n])  # (B, H, Lq, D)
-        k, v = plan.keys_to_tile_major(key), plan.keys_to_tile_major(value)  # (B, H_kv, Lkv, D)
+        else:
+            q = plan.queries_to_tile_major(query[:, :n])  # (B, H, Lq, D)
+            k, v = plan.keys_to_tile_major(key), plan.keys_to_tile_major(value)
         out = _flex_attention(
             q,
             k,

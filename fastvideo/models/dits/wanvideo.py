@@ -125,14 +125,24 @@ class WanSelfAttention(nn.Module):
         qkv, _ = self.to_qkv(x)
         q, k, v = qkv.chunk(3, dim=-1)
         v = v.unflatten(2, (self.local_heads, -1))
+        arranged = None
         if self.norm_q.tp_size == 1:
-            # One pass per q / k: norm, rotation, and heads laid out for attention. v is
-            # copied out too, so the fused projection's buffer (3x the activations) is freed
-            # before attention instead of living through it as v's storage.
+            # One pass per q / k: norm, rotation, and heads laid out for attention -- in the
+            # backend's own token order where it has one (sliding-tile attention on one
+            # rank), saving it the gathers. v is copied out too, so the fused projection's
+            # buffer (3x the activations) is freed before attention instead of living
+            # through it as v's storage.
+            arranged = self.attn.token_arrangement(video_grid, x.device)
+            q_rows = None if arranged is None else arranged.query_rows
+            k_rows = None if arranged is None else arranged.key_rows
             eps = self.norm_q.variance_epsilon
-            q = rms_norm_rotary(q, self.norm_q.weight, eps, *rotary, self.local_heads)
-            k = rms_norm_rotary(k, self.norm_k.weight, eps, *rotary, self.local_heads)
-            v = v.contiguous()
+            q = rms_norm_rotary(q, self.norm_q.weight, eps, *rotary, self.local_heads, q_rows)
+            k = rms_norm_rotary(k, self.norm_k.weight, eps, *rotary, self.local_heads, k_rows)
+            v = (
+                v.contiguous()
+                if arranged is None
+                else v.index_select(1, arranged.key_token_of_slot)
+            )
             del qkv
         else:  # the norm's statistics need an all-reduce over the TP ranks first
             q = apply_interleaved_rotary(
@@ -141,7 +151,10 @@ class WanSelfAttention(nn.Module):
             k = apply_interleaved_rotary(
                 self.norm_k(k).unflatten(2, (self.local_heads, -1)), *rotary
             )
-        out = self.attn(q, k, v, seq_len=seq_len, video_grid=video_grid).flatten(2, 3).type_as(q)
+        out = self.attn(
+            q, k, v, seq_len=seq_len, video_grid=video_grid, arranged=arranged is not None
+        )
+        out = out.flatten(2, 3).type_as(q)
         out, _ = self.to_out(out)
         return out
 
