@@ -148,8 +148,8 @@ def main() -> None:
     parser.add_argument("--sta-only", action="store_true", help="with --sta: only the STA rows")
     parser.add_argument(
         "--sta-blocks",
-        default="128x64",
-        help="with --sta: (query x key) block sizes to time, e.g. 128x64,64x64",
+        default="64x64",
+        help="with --sta: (query x key) block sizes to time, e.g. 64x64,128x128",
     )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ns = parser.parse_args()

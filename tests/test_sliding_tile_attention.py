@@ -43,7 +43,7 @@ CASES = [
     ((5, 7, 9), (2, 4, 4), (3, 5, 5), 0, 16, 2),  # (3, 5, 5): +-2 tiles in h and w
     ((5, 7, 9), (2, 4, 4), (3, 3, 3), 6, 16, 2),  # text tokens, padded to one block
     ((5, 7, 9), (2, 4, 4), (1, 1, 1), 37, 16, 1),  # text over three blocks; grouped kv heads
-    ((5, 7, 9), (2, 4, 4), (3, 5, 5), 20, 128, 2),  # default block: tiles padded 32 -> 128
+    ((5, 7, 9), (2, 4, 4), (3, 5, 5), 20, 128, 2),  # 128 blocks: tiles padded 32 -> 128
     ((4, 6, 10), (2, 3, 5), (3, 1, 3), 0, 8, 2),  # tiles of 30 span blocks of 8 unevenly
     ((7, 4, 3), (6, 8, 8), (3, 3, 3), 3, 128, 2),  # default tile larger than the grid
 ]
@@ -144,13 +144,15 @@ def test_block_mask_computes_exactly_the_allowed_blocks_and_never_a_padding_key(
     print(f"{_ids(case)}: sparsity {plan.layout.block_sparsity:.3f}, {partial_blocks} partial")
 
 
-def test_key_blocks_of_64_compute_less_than_128_at_the_wan_grid():
-    """Why the key side has its own, smaller block: at the 1.3B grid, 6x8x8 tiles and a
-    (3, 3, 3) window, fewer padding keys to compute and far fewer partially-masked blocks."""
+def test_blocks_of_64_compute_less_than_128_at_the_wan_grid():
+    """Why the default blocks are 64, not FlexAttention's 128: at the 1.3B grid, 6x8x8 tiles
+    and a (3, 3, 3) window, fewer padding rows to compute and far fewer partially-masked
+    blocks."""
     grid = (21, 30, 52)
     wide = tile_layout(grid, 0, SlidingTileConfig((6, 8, 8), (3, 3, 3), 128, 128))
     default = tile_layout(grid, 0, SlidingTileConfig())
-    assert default.key.block_size == 64 and default.query.block_size == 128
+    assert default.key.block_size == 64 and default.query.block_size == 64
+    assert SlidingTileConfig(block_size=128).kv_block_size == 64
     assert default.dense_work_fraction < 0.95 * wide.dense_work_fraction
     assert default.partial_block_fraction < 0.5 * wide.partial_block_fraction
 

@@ -23,7 +23,18 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-@triton.jit
+def _jit_for_any(*names: str):
+    """``triton.jit`` that does not specialise the named integer arguments on their
+    alignment (Triton compiles a variant per "divisible by 16" pattern by default): sizes and
+    strides that change with the video's resolution then reuse one compiled kernel instead of
+    compiling again, seconds each, at the first request of every new resolution."""
+    try:
+        return triton.jit(do_not_specialize_on_alignment=names)
+    except TypeError:  # a Triton without the option
+        return triton.jit
+
+
+@_jit_for_any("rows_per_batch")
 def _layer_norm_modulate_kernel(
     x_ptr,
     out_ptr,
@@ -97,7 +108,7 @@ def layer_norm_modulate(
     return out
 
 
-@triton.jit
+@_jit_for_any("rows_per_batch")
 def _gated_residual_kernel(
     x_ptr,
     y_ptr,
@@ -133,7 +144,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return out
 
 
-@triton.jit
+@_jit_for_any("rows_per_batch", "out_rows_per_batch")
 def _rms_norm_rotary_kernel(
     src_ptr,
     out_ptr,
@@ -218,7 +229,7 @@ def rms_norm_rotary(
     return out
 
 
-@triton.jit
+@_jit_for_any("numel")
 def _gelu_tanh_inplace_kernel(x_ptr, numel, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
@@ -239,7 +250,9 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@triton.jit
+# Sizes only: the strides' alignment lets Triton vectorise the loads, and for the VAE's
+# channel counts (multiples of 16) it does not change with the resolution.
+@_jit_for_any("channels", "frames", "height", "width", "first_frame", "out_frames")
 def _channel_rms_norm_silu_kernel(
     x_ptr,
     gamma_ptr,

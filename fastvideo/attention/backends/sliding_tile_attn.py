@@ -13,8 +13,8 @@ fine for the small CPU shapes tests use (compiling on CPU costs ~15 s per shape)
 ``FASTVIDEO_FLEX_KERNEL_OPTIONS`` (JSON, e.g. ``{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps":
 8}``) passes FlexAttention's ``kernel_options`` on CUDA; ``bench/sta_kernel.py`` times the
 candidates at a shape; without it, Hopper GPUs get ``default_kernel_options``. ``BLOCK_M``
-must divide the block mask's query block (128) and
-``BLOCK_N`` its key block (64 by default).
+must divide the block mask's query block and ``BLOCK_N`` its key block (64 and 64 by
+default).
 """
 
 from __future__ import annotations
@@ -58,16 +58,20 @@ def _kernel_options(text: str | None) -> dict | None:
 
 def default_kernel_options(device: torch.device, config: SlidingTileConfig) -> dict | None:
     """FlexAttention's kernel options for STA where measured better than its own choice:
-    on Hopper (sm90), 128 x 64 tiles (64 x 64 for query blocks of 64), 3 stages, TMA loads
-    and q pre-scaled by the softmax scale (bench/sta_kernel.py at the 1.3B shape on an H100:
-    3.04 ms per call vs 3.57 for FlexAttention's choice; pre-scaling rounds q * scale to
-    bf16 once, within one bf16 unit of the output)."""
+    on Hopper (sm90), TMA loads and q pre-scaled by the softmax scale, with 64 x 64 tiles and
+    4 warps for the default blocks of 64 (128 x 64, 8 warps for query blocks of 128).
+    bench/sta_kernel.py at the 1.3B shape on an H100: 2.98 ms per call (blocks of 64, TMA)
+    vs 3.69 for FlexAttention's choice at blocks of 128; pre-scaling rounds q * scale to bf16
+    once (3.24 -> 3.07 ms at 128 x 64), within one bf16 unit of the output."""
     if torch.cuda.get_device_capability(device) != (9, 0):
         return None
-    block_m = min(128, config.block_size)
+    block_m = 128 if config.block_size % 128 == 0 else 64
+    block_n = 64 if config.kv_block_size % 64 == 0 else None
+    if config.block_size % block_m or block_n is None:
+        return None  # small custom blocks: FlexAttention picks tiles that divide them
     return {
         "BLOCK_M": block_m,
-        "BLOCK_N": min(64, config.kv_block_size),
+        "BLOCK_N": block_n,
         "num_warps": 8 if block_m == 128 else 4,
         "num_stages": 3,
         "USE_TMA": True,
