@@ -155,7 +155,7 @@ def test_sliding_tile_dit_with_and_without_kernels():
     from fastvideo.attention.selector import forced_attention_backend
     from fastvideo.attention.sta_mask import SlidingTileConfig
 
-    with forced_attention_backend("SLIDING_TILE_ATTN", SlidingTileConfig((1, 2, 2), (3, 1, 3), 8)):
+    with forced_attention_backend("SLIDING_TILE_ATTN", SlidingTileConfig((1, 2, 2), (3, 1, 3), 16)):
         model = tiny_dit(DEVICE)
     latents, timestep, text = tiny_dit_inputs(batch=2, device=DEVICE)
     with torch.inference_mode():

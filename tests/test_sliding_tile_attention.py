@@ -314,3 +314,15 @@ def test_sliding_tile_on_the_ring_path_is_a_clear_error():
         assert rank["ring_error"] is not None
         assert "SLIDING_TILE_ATTN needs each rank to hold the whole sequence" in rank["ring_error"]
         assert "ulysses=1 x ring=2" in rank["ring_error"]
+
+
+def test_cuda_kernel_tiles_divide_the_blocks_or_the_error_names_the_rule():
+    from fastvideo.attention.backends.sliding_tile_attn import default_kernel_options
+
+    cpu = torch.device("cpu")  # no capability query: only sm90 adds its measured options
+    options = default_kernel_options(cpu, SlidingTileConfig(block_size=128, kv_block_size=32))
+    assert (options["BLOCK_M"], options["BLOCK_N"]) == (128, 32)
+    options = default_kernel_options(cpu, SlidingTileConfig((1, 2, 2), (3, 1, 3), 48))
+    assert (options["BLOCK_M"], options["BLOCK_N"]) == (16, 16)
+    with pytest.raises(ValueError, match="multiples of 16, got block_size=8"):
+        default_kernel_options(cpu, SlidingTileConfig((1, 2, 2), (3, 1, 3), 8))

@@ -12,9 +12,8 @@ fine for the small CPU shapes tests use (compiling on CPU costs ~15 s per shape)
 
 ``FASTVIDEO_FLEX_KERNEL_OPTIONS`` (JSON, e.g. ``{"BLOCK_M": 128, "BLOCK_N": 64, "num_warps":
 8}``) passes FlexAttention's ``kernel_options`` on CUDA; ``bench/sta_kernel.py`` times the
-candidates at a shape; without it, Hopper GPUs get ``default_kernel_options``. ``BLOCK_M``
-must divide the block mask's query block and ``BLOCK_N`` its key block (64 and 64 by
-default).
+candidates at a shape; without it, ``default_kernel_options``. ``BLOCK_M`` must divide the
+block mask's query block and ``BLOCK_N`` its key block (64 and 64 by default).
 """
 
 from __future__ import annotations
@@ -56,27 +55,30 @@ def _kernel_options(text: str | None) -> dict | None:
     return options
 
 
-def default_kernel_options(device: torch.device, config: SlidingTileConfig) -> dict | None:
-    """FlexAttention's kernel options for STA where measured better than its own choice:
-    on Hopper (sm90), TMA loads and q pre-scaled by the softmax scale, with 64 x 64 tiles and
-    4 warps for the default blocks of 64 (128 x 64, 8 warps for query blocks of 128).
-    bench/sta_kernel.py at the 1.3B shape on an H100: 2.98 ms per call (blocks of 64, TMA)
-    vs 3.69 for FlexAttention's choice at blocks of 128; pre-scaling rounds q * scale to bf16
-    once (3.24 -> 3.07 ms at 128 x 64), within one bf16 unit of the output."""
-    if torch.cuda.get_device_capability(device) != (9, 0):
-        return None
-    block_m = 128 if config.block_size % 128 == 0 else 64
-    block_n = 64 if config.kv_block_size % 64 == 0 else None
-    if config.block_size % block_m or block_n is None:
-        return None  # small custom blocks: FlexAttention picks tiles that divide them
-    return {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "num_warps": 8 if block_m == 128 else 4,
-        "num_stages": 3,
-        "USE_TMA": True,
-        "PRESCALE_QK": True,
-    }
+def _largest_tile(block: int, sizes: tuple[int, ...]) -> int | None:
+    return next((size for size in sizes if block % size == 0), None)
+
+
+def default_kernel_options(device: torch.device, config: SlidingTileConfig) -> dict:
+    """FlexAttention's kernel options for STA on CUDA. Its kernel tiles must divide the
+    block mask's blocks (its own default tiles, 128 x 64, do not divide blocks of 64), and
+    tl.dot needs tiles of at least 16. On Hopper (sm90) also TMA loads and q pre-scaled by the
+    softmax scale, measured with 64 x 64 tiles and 4 warps for the default blocks of 64
+    (128 x 64, 8 warps for query blocks of 128): bench/sta_kernel.py at the 1.3B shape on an
+    H100, 2.69 ms per call vs 3.78 for FlexAttention's own blocks and choice; pre-scaling
+    rounds q * scale to bf16 once, within one bf16 unit of the output."""
+    block_m = _largest_tile(config.block_size, (128, 64, 32, 16))
+    block_n = _largest_tile(config.kv_block_size, (64, 32, 16))
+    if block_m is None or block_n is None:
+        raise ValueError(
+            f"sliding-tile attention on CUDA needs block sizes that are multiples of 16, got "
+            f"block_size={config.block_size} and kv_block_size={config.kv_block_size}"
+        )
+    options = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8 if block_m == 128 else 4}
+    measured = block_m in (64, 128) and block_n == 64
+    if measured and torch.cuda.get_device_capability(device) == (9, 0):
+        options.update(num_stages=3, USE_TMA=True, PRESCALE_QK=True)
+    return options
 
 
 def _flex_attention(query, key, value, config: SlidingTileConfig, **kwargs) -> torch.Tensor:
@@ -86,8 +88,7 @@ def _flex_attention(query, key, value, config: SlidingTileConfig, **kwargs) -> t
         options = _kernel_options(os.environ.get("FASTVIDEO_FLEX_KERNEL_OPTIONS"))
         if options is None:
             options = default_kernel_options(query.device, config)
-        if options is not None:
-            kwargs["kernel_options"] = dict(options)  # a copy: the cached dict stays pristine
+        kwargs["kernel_options"] = dict(options)  # a copy: the cached dict stays pristine
         return _compiled_flex_attention()(query, key, value, **kwargs)
     with warnings.catch_warnings():
         # The unfused path is the intended one off CUDA; its "use torch.compile" hint is noise.
