@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -116,6 +119,31 @@ def kernel_breakdown(fn) -> dict:
     return result
 
 
+def fastvideo_peer(site: str, shape: str, repeats: int, warmup: int) -> dict:
+    """FastVideo's DiT forward, from bench/fastvideo_peer.py in its own process: FastVideo's
+    install (``site``) first on PYTHONPATH and this repository (our ``fastvideo``) off it."""
+    import subprocess
+    import sys
+    import tempfile
+
+    here = Path(__file__).resolve().parent
+    ours = here.parent
+    keep = [
+        entry
+        for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if entry and Path(entry).resolve() != ours
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, *keep])}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peer.json"
+        command = [sys.executable, str(here / "fastvideo_peer.py"), "--shape", shape]
+        command += ["--repeats", str(repeats), "--warmup", str(warmup), "--json", str(out)]
+        done = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0 or not out.exists():
+            return {"error": (done.stderr or done.stdout)[-2000:]}
+        return json.loads(out.read_text())
+
+
 def time_call(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
     """Median seconds over ``repeats`` calls after ``warmup``, and peak GiB allocated."""
     for _ in range(warmup):
@@ -146,6 +174,11 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="also ours without kernels")
     parser.add_argument("--profile", action="store_true", help="kernel time breakdown")
     parser.add_argument("--sta-only", action="store_true", help="with --sta: only the STA rows")
+    parser.add_argument(
+        "--fastvideo-site",
+        default=None,
+        help="also time FastVideo's DiT from this install dir (bench/fastvideo_peer.py)",
+    )
     parser.add_argument(
         "--sta-blocks",
         default="64x64",
@@ -274,6 +307,20 @@ def main() -> None:
         if ns.json:  # partial results survive a run cut short
             with open(ns.json, "w") as f:
                 json.dump(results, f, indent=2)
+    if ns.fastvideo_site:
+        # Last, after our models are freed: FastVideo's process needs the GPU's memory too.
+        reference = ours = sta = model = systems = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        peer = fastvideo_peer(ns.fastvideo_site, ns.shape, ns.repeats, ns.warmup)
+        results["fastvideo"] = peer
+        if "error" in peer:
+            print("FastVideo peer failed:\n" + peer["error"], flush=True)
+        for label, row in peer.get("rows", {}).items():
+            label = f"{label} ({peer['fastvideo_version']})"
+            labels.append(label)
+            results[f"{label}_forward_s"] = row["forward_s"]
+            results[f"{label}_forward_peak_gib"] = row["peak_gib"]
     print(json.dumps(results, indent=2))
     print(
         f"\n{results['gpu']}, torch {results['torch']}, Wan2.1-{ns.shape} shape "
