@@ -107,7 +107,9 @@ def import_fastvideo():
     from transformers import PreTrainedModel  # noqa: F401
 
     missing = {name for name in OPTIONAL if importlib.util.find_spec(name) is None}
-    sys.meta_path.insert(0, _EmptyModules(missing))
+    # peft (LoRA only) is stubbed even when installed: a peft built for transformers 4
+    # fails at import under transformers 5 (as on the GPU machine's image).
+    sys.meta_path.insert(0, _EmptyModules(missing | {"peft"}))
     import fastvideo
 
     if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) in fastvideo.__file__:
