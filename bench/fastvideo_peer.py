@@ -10,8 +10,9 @@ merges its JSON into its table):
 ``DIR`` holds ``pip install --no-deps --target DIR fastvideo==0.2.1`` plus the few of its
 dependencies the DiT's import chain needs that the machine lacks (cloudpickle, imageio,
 einops, remote-pdb, ...). Heavy optional ones its package ``__init__`` imports but the DiT
-forward never calls (torchvision, scipy, flashinfer, fastvideo-kernel, wandb, gradio, ray,
-...) become empty modules where not installed: using one raises.
+forward never calls (torchvision, scipy, flashinfer, fastvideo-kernel, ray) become empty
+modules where not installed: using one raises. Only those: transformers probes others
+(torchcodec, av, ...) with find_spec and would take an empty module for an installed one.
 
 Rows: FastVideo eager as shipped (its CUDA platform module turns cuDNN attention off
 process-wide at import, so SDPA runs FlashAttention-2), and with cuDNN attention turned back
@@ -34,24 +35,7 @@ import types
 
 # Imported by FastVideo's package __init__ chain, never by the DiT forward: the ones not
 # installed become empty modules.
-OPTIONAL = {
-    "scipy",
-    "torchvision",
-    "flashinfer",
-    "fastvideo_kernel",
-    "wandb",
-    "gradio",
-    "ray",
-    "av",
-    "torchcodec",
-    "moviepy",
-    "peft",
-    "timm",
-    "h5py",
-    "torchdata",
-    "datasets",
-    "decord",
-}
+OPTIONAL = {"torchvision", "scipy", "fastvideo_kernel", "flashinfer", "ray"}
 
 # Same shapes as bench/dit_step.py (kept here: this script cannot import our package).
 SHAPES = {
