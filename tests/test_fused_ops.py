@@ -148,6 +148,9 @@ def test_rms_norm_rotary_writes_an_attention_layout():
         plain = fused_ops.rms_norm_rotary(src, weight, 1e-6, cos, sin, heads)
     assert torch.equal(chain[:, arrangement.rows], plain)
     assert not fused[:, arrangement.padding].any()
+    short = TokenRows(arrangement.rows[:-1], arrangement.padding, rows + 5)
+    with pytest.raises(ValueError, match="places 23 tokens, the input has 24"):
+        fused_ops.rms_norm_rotary(src, weight, 1e-6, cos, sin, heads, short)
 
 
 def test_sliding_tile_dit_with_and_without_kernels():
@@ -203,8 +206,8 @@ def test_channel_rms_norm_silu(shape, channels_last, silu):
     assert_close(same, chain)
 
 
-@pytest.mark.parametrize("chunk_frames, channels_last", [(1, False), (2, True)])
-def test_vae_decode_with_and_without_kernels(chunk_frames, channels_last, monkeypatch):
+@pytest.mark.parametrize("chunk_frames, channels_last, batch", [(1, False, 1), (2, True, 2)])
+def test_vae_decode_with_and_without_kernels(chunk_frames, channels_last, batch, monkeypatch):
     """The fused norm writes into the causal convolutions' stacked inputs: frame by frame
     (single-frame chunks topping up the cache) and in chunks, in both memory layouts. On a
     GPU in true fp32: with TF32 the 2D and 3D convolutions would round differently."""
@@ -224,8 +227,8 @@ def test_vae_decode_with_and_without_kernels(chunk_frames, channels_last, monkey
     vae.set_decode_chunk_frames(chunk_frames)
     vae.use_channels_last(channels_last)
     gen = torch.Generator().manual_seed(5)
-    z = torch.randn(1, c.z_dim, 4, 4, 6, generator=gen).to(DEVICE)
-    video = torch.randn(1, 3, 9, 16, 24, generator=gen).to(DEVICE)
+    z = torch.randn(batch, c.z_dim, 4, 4, 6, generator=gen).to(DEVICE)
+    video = torch.randn(batch, 3, 9, 16, 24, generator=gen).to(DEVICE)
     stacked = []
     real = fused_ops._kernels().channel_rms_norm_silu
 

@@ -326,3 +326,18 @@ def test_cuda_kernel_tiles_divide_the_blocks_or_the_error_names_the_rule():
     assert (options["BLOCK_M"], options["BLOCK_N"]) == (16, 16)
     with pytest.raises(ValueError, match="multiples of 16, got block_size=8"):
         default_kernel_options(cpu, SlidingTileConfig((1, 2, 2), (3, 1, 3), 8))
+
+
+def test_the_padding_only_mask_is_chosen_only_when_the_compiled_kernel_runs(monkeypatch):
+    """FlexAttention's eager path evaluates mask_mod on every pair: with the padding-only
+    test it would attend everywhere. Whenever Dynamo will not compile, the whole rule."""
+    from fastvideo.attention.backends.sliding_tile_attn import _compiler_runs
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    assert _compiler_runs()
+    with torch.compiler.set_stance("force_eager"):
+        assert not _compiler_runs()
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    assert not _compiler_runs()
+    plan = sta_plan((5, 7, 9), 0, SlidingTileConfig((2, 4, 4), (3, 3, 3), 16), torch.device("cpu"))
+    assert plan.sparse_kernel_block_mask is plan.block_mask  # off CUDA: the whole rule only

@@ -23,8 +23,9 @@ is exact: the mask never depends on approximations.
 The block mask is built directly from the tile adjacency (``BlockMask.from_kv_blocks``),
 never by evaluating ``mask_mod`` over all ``L x L`` token pairs, and cached per (grid, extra
 tokens, tile, window, block sizes, device): each layer and step at one resolution reuses it.
-On CUDA its ``mask_mod`` is only the padding-key test (all a partial block needs); elsewhere
-FlexAttention's unfused path evaluates ``mask_mod`` on every pair, so it is the whole rule.
+Its ``mask_mod`` is the whole rule; on CUDA the plan also holds a copy whose ``mask_mod`` is
+only the padding-key test, all a partial block needs, for the compiled block-sparse kernel
+(FlexAttention's eager path evaluates ``mask_mod`` on every pair: it gets the whole rule).
 """
 
 from __future__ import annotations
@@ -288,7 +289,12 @@ class StaPlan:
     query_token_of_slot: torch.Tensor
     key_token_of_slot: torch.Tensor
     query_slot_of_token: torch.Tensor
+    # The whole rule: right for any FlexAttention path, including its eager one, which
+    # evaluates mask_mod on every pair and ignores the block lists.
     block_mask: BlockMask
+    # Only for the compiled block-sparse kernel, which evaluates mask_mod on partial blocks
+    # alone: there the padding-key test is the whole rule (on CUDA; elsewhere the same mask).
+    sparse_kernel_block_mask: BlockMask
     query_rows: TokenRows
     key_rows: TokenRows
 
@@ -316,25 +322,30 @@ def sta_plan(
     full = layout.allowed & ~layout.partial
     kv_num, kv_idx = _block_lists(layout.partial)
     full_num, full_idx = _block_lists(full)
-    if device.type == "cuda":
-        mask_mod = _padding_key_mask_mod(_to_device(key, device))
-    else:
-        mask_mod = _mask_mod(_to_device(query, device), _to_device(key, device), config.radius)
-    block_mask = BlockMask.from_kv_blocks(
-        kv_num.to(device),
-        kv_idx.to(device),
-        full_num.to(device),
-        full_idx.to(device),
-        BLOCK_SIZE=(query.block_size, key.block_size),
-        mask_mod=mask_mod,
-        seq_lengths=(query.num_slots, key.num_slots),
+    lists = [t.to(device) for t in (kv_num, kv_idx, full_num, full_idx)]
+
+    def block_mask(mask_mod) -> BlockMask:
+        return BlockMask.from_kv_blocks(
+            *lists,
+            BLOCK_SIZE=(query.block_size, key.block_size),
+            mask_mod=mask_mod,
+            seq_lengths=(query.num_slots, key.num_slots),
+        )
+
+    whole_rule = block_mask(
+        _mask_mod(_to_device(query, device), _to_device(key, device), config.radius)
     )
     return StaPlan(
         layout=layout,
         query_token_of_slot=query.token_of_slot.to(device),
         key_token_of_slot=key.token_of_slot.to(device),
         query_slot_of_token=query.slot_of_token.to(device),
-        block_mask=block_mask,
+        block_mask=whole_rule,
+        sparse_kernel_block_mask=(
+            block_mask(_padding_key_mask_mod(_to_device(key, device)))
+            if device.type == "cuda"
+            else whole_rule
+        ),
         query_rows=_token_rows(query, device),
         key_rows=_token_rows(key, device),
     )

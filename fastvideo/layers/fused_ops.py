@@ -145,6 +145,10 @@ def rms_norm_rotary(
     tensor whose other rows (padding) are zero: an attention backend's own token layout,
     written by the same pass instead of gathered afterwards."""
     batch, rows, inner = src.shape
+    if arrangement is not None and arrangement.rows.numel() != rows:
+        raise ValueError(
+            f"arrangement places {arrangement.rows.numel()} tokens, the input has {rows}"
+        )
     cos2, sin2 = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
     if (
         _use_kernels(src, weight, cos, sin)

@@ -300,7 +300,7 @@ def _channel_rms_norm_silu_kernel(
         # writes within this program, so out may be x.
         total = tl.zeros([BLOCK_S], dtype=tl.float32)
         for start in range(0, channels, BLOCK_C):
-            ch = start + tl.arange(0, BLOCK_C)
+            ch = (start + tl.arange(0, BLOCK_C)).to(tl.int64)  # ch * stride: int64 offsets
             mask = (ch[:, None] < channels) & pos_mask[None, :]
             x = tl.load(x_base + ch[:, None] * xs_c, mask=mask, other=0.0).to(tl.float32)
             total += tl.sum(x * x, axis=0)
@@ -308,7 +308,7 @@ def _channel_rms_norm_silu_kernel(
         denom = tl.maximum(tl.sqrt(total), eps)
     dtype = out_ptr.dtype.element_ty
     for start in range(0, channels, BLOCK_C):
-        ch = start + tl.arange(0, BLOCK_C)
+        ch = (start + tl.arange(0, BLOCK_C)).to(tl.int64)  # ch * stride: int64 offsets
         mask = (ch[:, None] < channels) & pos_mask[None, :]
         x = tl.load(x_base + ch[:, None] * xs_c, mask=mask, other=0.0)
         y = x.to(tl.float32)

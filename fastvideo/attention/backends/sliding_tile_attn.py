@@ -76,15 +76,34 @@ def default_kernel_options(device: torch.device, config: SlidingTileConfig) -> d
         )
     options = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 8 if block_m == 128 else 4}
     measured = block_m in (64, 128) and block_n == 64
-    if measured and torch.cuda.get_device_capability(device) == (9, 0):
+    # Measured with torch 2.11; older FlexAttention may not know these options.
+    recent = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 10)
+    if measured and recent and torch.cuda.get_device_capability(device) == (9, 0):
         options.update(num_stages=3, USE_TMA=True, PRESCALE_QK=True)
     return options
 
 
-def _flex_attention(query, key, value, config: SlidingTileConfig, **kwargs) -> torch.Tensor:
+def _compiler_runs() -> bool:
+    """Whether torch.compile(flex_attention) will run the compiled kernel rather than fall
+    back to eager (Dynamo disabled by config, environment or the force_eager stance)."""
+    if os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("", "0"):
+        return False
+    import torch._dynamo
+
+    if torch._dynamo.config.disable:
+        return False
+    stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
+    return getattr(stance, "stance", "default") != "force_eager"
+
+
+def _flex_attention(query, key, value, config: SlidingTileConfig, plan, **kwargs) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     if query.is_cuda:
+        # The padding-only mask is right only inside the compiled block-sparse kernel.
+        kwargs["block_mask"] = (
+            plan.sparse_kernel_block_mask if _compiler_runs() else plan.block_mask
+        )
         options = _kernel_options(os.environ.get("FASTVIDEO_FLEX_KERNEL_OPTIONS"))
         if options is None:
             options = default_kernel_options(query.device, config)
@@ -93,7 +112,7 @@ def _flex_attention(query, key, value, config: SlidingTileConfig, **kwargs) -> t
     with warnings.catch_warnings():
         # The unfused path is the intended one off CUDA; its "use torch.compile" hint is noise.
         warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-        return flex_attention(query, key, value, **kwargs)
+        return flex_attention(query, key, value, block_mask=plan.block_mask, **kwargs)
 
 
 class SlidingTileAttnImpl(AttentionImpl):
@@ -163,7 +182,7 @@ class SlidingTileAttnImpl(AttentionImpl):
             k,
             v,
             self.config,
-            block_mask=plan.block_mask,
+            plan,
             scale=self.softmax_scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
