@@ -28,6 +28,22 @@ def test_compiled_blocks_equal_eager():
     assert (compiled - eager).abs().max().item() <= 1e-5
 
 
+def test_compiled_blocks_with_sliding_tile_attention_equal_eager():
+    """STA inside compiled blocks: its plan lookup, the q/k scatter into its layout and
+    FlexAttention traced together (~17 s on two cores)."""
+    from fastvideo.attention.selector import forced_attention_backend
+    from fastvideo.attention.sta_mask import SlidingTileConfig
+
+    with forced_attention_backend("SLIDING_TILE_ATTN", SlidingTileConfig((1, 2, 2), (3, 1, 3), 16)):
+        model = tiny_dit()
+    latents, timestep, text = tiny_dit_inputs()
+    with torch.inference_mode():
+        eager = model(latents, timestep, text)
+        assert compile_blocks(model) == 2
+        compiled = model(latents, timestep, text)
+    assert (compiled - eager).abs().max().item() <= 1e-5
+
+
 def test_traced_code_takes_the_pytorch_chain_even_with_kernels_forced():
     @torch.compile(backend="eager", fullgraph=True)
     def decision(x: torch.Tensor) -> torch.Tensor:
