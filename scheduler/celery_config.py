@@ -31,6 +31,9 @@ def make_celery(settings: Settings, name: str = "fvb") -> Celery:
             # or the reaper forever; 10 s stays above kombu's 1 s BRPOP poll.
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
+            # Ten priority levels (kombu's Redis default is four: 0, 3, 6, 9), one per
+            # scheduler.dispatch.redis_priority value. Consumers read them in this order.
+            "priority_steps": list(range(10)),
         },
         broker_connection_retry_on_startup=True,
         task_default_queue=queue_for_pool(settings.worker_pool),

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     auth_enabled: bool = True
     #: Queued jobs above which new submissions get 429 with Retry-After.
     max_queued_jobs: int = 10_000
+    #: Fair share between tenants (scheduler/dispatch.py): a tenant's job drops one priority
+    #: level per this many of its queued jobs ahead of it, by at most fair_share_levels.
+    fair_share_step: int = 8
+    fair_share_levels: int = 2
     presign_expiry_s: int = 3600
 
     # Job life cycle.
