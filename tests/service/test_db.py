@@ -204,3 +204,14 @@ def test_higher_api_priority_is_served_first_by_redis():
 
     assert redis_priority(10) == 0 < redis_priority(0) < redis_priority(-10) == 9
     assert redis_priority(99) == 0 and redis_priority(-99) == 9
+
+
+def test_fair_share_drops_a_level_per_step_of_backlog_at_most_levels():
+    from scheduler.dispatch import redis_priority
+
+    base = redis_priority(0)
+    assert [redis_priority(0, backlog, 8, 2) for backlog in (0, 7, 8, 15, 16, 999)] == [
+        base, base, base + 1, base + 1, base + 2, base + 2
+    ]  # fmt: skip
+    assert redis_priority(-10, 999, 8, 2) == 9  # never past the last level
+    assert redis_priority(0, 999, 0, 2) == redis_priority(0, 999, 8, 0) == base  # off
