@@ -148,7 +148,11 @@ def counts(context: ApiContext, batch_id: str) -> dict[str, int]:
             .where(Job.batch_id == batch_id, Job.deleted_at.is_(None))
             .group_by(Job.status)
         ).all()
-    by_status = {status: count for status, count in rows}
+    return request_counts({status: count for status, count in rows})
+
+
+def request_counts(by_status: dict[str, int]) -> dict[str, int]:
+    """A batch's ``request_counts`` from its (undeleted) videos counted by job status."""
     return {
         "total": sum(by_status.values()),
         "queued": by_status.get(JobStatus.QUEUED, 0),

@@ -1,8 +1,8 @@
 """What ``GET /dashboard/data`` shows one tenant: its jobs by status, its throughput and run
-times, the workers running its jobs, its latest jobs; and, for every GPU pool, how many jobs
-wait and run in total (numbers only: nothing else about other tenants).
+times, the workers running its jobs, its latest jobs and batches; and, for every GPU pool,
+how many jobs wait and run in total (numbers only: nothing else about other tenants).
 
-Seven queries in one session, each an aggregate or a bounded select; nothing per row. Counts
+Eight queries in one session, each an aggregate or a bounded select; nothing per row. Counts
 and the table cover the videos the API still lists (deleted ones excluded); throughput and
 run times cover work finished, deleted since or not, so a client that deletes each video
 after downloading it still sees its rate. Percentiles are taken here rather than in SQL
@@ -18,10 +18,11 @@ from pydantic import BaseModel
 from sqlalchemy import case, distinct, func, select
 from sqlalchemy.orm import Session
 
+from scheduler.api.batches import request_counts
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
-from scheduler.api.schemas import API_STATUS, JOB_STATUSES, ApiStatus, unix
-from scheduler.db.models import Job, JobStatus, utcnow
+from scheduler.api.schemas import API_STATUS, JOB_STATUSES, ApiStatus, BatchObject, unix
+from scheduler.db.models import Batch, Job, JobStatus, utcnow
 from scheduler.db.session import session_scope
 
 #: Windows (minutes) over which completed jobs per minute are reported.
@@ -29,6 +30,7 @@ THROUGHPUT_WINDOWS_MIN = (10, 60)
 #: Window (minutes) of the succeeded jobs whose run times give the median and p95.
 RUN_TIME_WINDOW_MIN = 60
 LATEST_JOBS = 50
+LATEST_BATCHES = 10
 #: The table's filter: the API statuses (``failed`` includes cancelled, as in the API), and
 #: ``cancelled`` alone.
 STATUS_FILTERS: dict[str, tuple[str, ...]] = {
@@ -125,6 +127,8 @@ class DashboardData(BaseModel):
     live_workers_all_tenants: int
     status_filter: str | None
     jobs: list[JobRow]
+    #: The tenant's newest batches, as ``GET /v1/batches/{id}`` shows each.
+    batches: list[BatchObject]
 
 
 def parse_status_filter(value: str | None) -> str | None:
@@ -339,6 +343,40 @@ def _latest_jobs(
     return table
 
 
+def _batches(session: Session, tenant: str) -> list[BatchObject]:
+    """The newest LATEST_BATCHES batches with their videos counted by status, in one query
+    (grouped by the batch's primary key, which the other batch columns depend on)."""
+    latest = (
+        select(Batch.id)
+        .where(Batch.tenant == tenant)
+        .order_by(Batch.created_at.desc(), Batch.id.desc())
+        .limit(LATEST_BATCHES)
+        .subquery()
+    )
+    rows = session.execute(
+        select(
+            Batch.id, Batch.status, Batch.created_at, Batch.params, Job.status, func.count(Job.id)
+        )
+        .join(latest, latest.c.id == Batch.id)
+        .outerjoin(Job, (Job.batch_id == Batch.id) & Job.deleted_at.is_(None))
+        .group_by(Batch.id, Job.status)
+    ).all()
+    batches: dict[str, tuple] = {}
+    by_status: dict[str, dict[str, int]] = {}
+    for batch_id, status, created_at, params, job_status, count in rows:
+        batches[batch_id] = (batch_id, status, created_at, params)
+        if job_status is not None:
+            by_status.setdefault(batch_id, {})[job_status] = count
+    ordered = sorted(batches.values(), key=lambda b: (b[2], b[0]), reverse=True)
+    return [
+        BatchObject.from_batch(
+            Batch(id=batch_id, status=status, created_at=created_at, params=params),
+            request_counts(by_status.get(batch_id, {})),
+        )
+        for batch_id, status, created_at, params in ordered
+    ]
+
+
 def collect(context: ApiContext, tenant: str, status_filter: str | None = None) -> DashboardData:
     """Everything the dashboard shows `tenant`, as of now."""
     now = utcnow()
@@ -357,4 +395,5 @@ def collect(context: ApiContext, tenant: str, status_filter: str | None = None) 
             live_workers_all_tenants=_live_workers(session, heartbeat_cutoff),
             status_filter=status_filter,
             jobs=_latest_jobs(session, tenant, status_filter, now),
+            batches=_batches(session, tenant),
         )

@@ -24,7 +24,7 @@ from scheduler.api.app import create_app
 from scheduler.api.auth import create_api_key
 from scheduler.db import transitions
 from scheduler.db.migrate import upgrade
-from scheduler.db.models import Job
+from scheduler.db.models import Batch, Job
 from scheduler.db.session import get_engine, session_scope
 from scheduler.localstack.ports import free_port
 from scheduler.localstack.postgres import create_database
@@ -92,7 +92,10 @@ def client(settings) -> TestClient:
 @pytest.fixture(scope="module")
 def keys(settings) -> dict[str, str]:
     with session_scope(settings.database_url) as session:
-        return {tenant: create_api_key(session, tenant) for tenant in ("acme", "globex", "initech")}
+        return {
+            tenant: create_api_key(session, tenant)
+            for tenant in ("acme", "globex", "initech", "hooli")
+        }
 
 
 def bearer(keys, tenant) -> dict[str, str]:
@@ -461,7 +464,7 @@ def test_another_tenant_sees_only_its_own_jobs_and_workers(client, keys, jobs):
 
 
 def test_table_holds_the_newest_50_in_the_same_few_queries(client, keys, settings, jobs):
-    """However many jobs a tenant has, one request is the key lookup plus seven queries."""
+    """However many jobs a tenant has, one request is the key lookup plus eight queries."""
     engine = get_engine(settings.database_url)
     statements: list[str] = []
 
@@ -490,7 +493,7 @@ def test_table_holds_the_newest_50_in_the_same_few_queries(client, keys, setting
         event.remove(engine, "before_cursor_execute", count)
         with session_scope(settings.database_url) as session:  # keep the pool totals exact
             session.execute(delete(Job).where(Job.tenant == "initech"))
-    assert len(statements) == few == 8
+    assert len(statements) == few == 9
     assert len(body["jobs"]) == 50
     assert body["counts"]["queued"] == 55
     created = [row["created_at"] for row in body["jobs"]]
@@ -512,3 +515,62 @@ def test_deleted_videos_leave_the_table_but_still_count_as_work_done(client, key
     assert (body["counts"]["total"], body["jobs"]) == (0, [])
     assert body["throughput"][0] == {"window_minutes": 10, "completed": 1, "per_minute": 0.1}
     assert body["run_time"]["samples"] == 1 and body["run_time"]["median_s"] == 30.0
+
+
+def test_batches_show_newest_first_with_their_videos_by_state(client, keys, settings):
+    """The tenant's batches as GET /v1/batches/{id} shows them: status from the videos
+    (deleted ones not counted), metadata, newest first; nobody else's."""
+    clock = Clock()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("scheduler.db.transitions.utcnow", clock)
+            h = History(settings.database_url, clock)
+            with session_scope(settings.database_url) as session:
+                session.add_all([
+                    Batch(id="batch_old", tenant="hooli", created_at=ago(500), updated_at=ago(500),
+                          params={"metadata": {"dataset": "pandas-v1"}}),
+                    Batch(id="batch_new", tenant="hooli", status="cancelled",
+                          created_at=ago(100), updated_at=ago(100)),
+                    Batch(id="batch_empty", tenant="hooli", created_at=ago(300),
+                          updated_at=ago(300)),
+                    Batch(id="batch_globex", tenant="globex", created_at=ago(50),
+                          updated_at=ago(50)),
+                ])  # fmt: skip
+            members = {
+                "batch_old": [
+                    h.run("hooli", created=450, claimed=440, done=400, worker="w"),
+                    h.create("hooli", ago(440)),
+                    h.create("hooli", ago(430)),
+                ],
+                "batch_new": [h.create("hooli", ago(90)), h.create("hooli", ago(80))],
+            }
+            h.delete(members["batch_old"][2], ago(20))
+            h.cancel(members["batch_new"][0], ago(60))
+            h.claim(members["batch_new"][1], "w", ago(50))
+            h.cancel(members["batch_new"][1], ago(40))  # running: cancelled at its next step
+            with session_scope(settings.database_url) as session:
+                for batch_id, job_ids in members.items():
+                    session.execute(
+                        update(Job).where(Job.id.in_(job_ids)).values(batch_id=batch_id)
+                    )
+        batches = data(client, keys, tenant="hooli")["batches"]
+        assert [b["id"] for b in batches] == ["batch_new", "batch_empty", "batch_old"]
+        new, empty, old = batches
+        assert new["status"] == "cancelling"
+        assert new["request_counts"] == {
+            "total": 2, "queued": 0, "in_progress": 1, "completed": 0, "failed": 0,
+            "cancelled": 1,
+        }  # fmt: skip
+        assert empty["status"] == "in_progress" and empty["request_counts"]["total"] == 0
+        assert old["status"] == "in_progress"
+        assert old["metadata"] == {"dataset": "pandas-v1"}
+        assert old["created_at"] == int(ago(500).timestamp())
+        assert old["request_counts"] == {
+            "total": 2, "queued": 1, "in_progress": 0, "completed": 1, "failed": 0,
+            "cancelled": 0,
+        }  # fmt: skip
+        assert [b["id"] for b in data(client, keys, tenant="globex")["batches"]] == ["batch_globex"]
+    finally:  # keep the other tests' pool totals exact
+        with session_scope(settings.database_url) as session:
+            session.execute(delete(Job).where(Job.tenant == "hooli"))
+            session.execute(delete(Batch))
