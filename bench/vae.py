@@ -50,14 +50,7 @@ def vae_config(tiny: bool) -> dict[str, Any]:
         return {}  # diffusers' AutoencoderKLWan defaults: the Wan2.1 VAE
     from fastvideo.testing.tiny_wan import TinyWanConfig
 
-    c = TinyWanConfig()
-    return dict(
-        base_dim=c.vae_base_dim,
-        z_dim=c.z_dim,
-        dim_mult=list(c.vae_dim_mult),
-        num_res_blocks=c.vae_num_res_blocks,
-        temperal_downsample=list(c.vae_temperal_downsample),
-    )
+    return TinyWanConfig().vae_kwargs()
 
 
 def build_reference(ns: argparse.Namespace, dtype: torch.dtype):

@@ -217,13 +217,7 @@ def test_vae_decode_with_and_without_kernels(chunk_frames, channels_last, batch,
 
     c = TinyWanConfig()
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=c.vae_base_dim,
-        z_dim=c.z_dim,
-        dim_mult=list(c.vae_dim_mult),
-        num_res_blocks=c.vae_num_res_blocks,
-        temperal_downsample=list(c.vae_temperal_downsample),
-    ).to(DEVICE)
+    vae = AutoencoderKLWan(**c.vae_kwargs()).to(DEVICE)
     vae.set_decode_chunk_frames(chunk_frames)
     vae.use_channels_last(channels_last)
     gen = torch.Generator().manual_seed(5)

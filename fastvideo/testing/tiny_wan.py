@@ -42,6 +42,17 @@ class TinyWanConfig:
     clip_hidden: int = 24
     clip_image_size: int = 32
 
+    def vae_kwargs(self) -> dict:
+        """The tiny VAE's architecture as ``AutoencoderKLWan`` keyword arguments (diffusers'
+        names, which ours takes too)."""
+        return dict(
+            base_dim=self.vae_base_dim,
+            z_dim=self.z_dim,
+            dim_mult=list(self.vae_dim_mult),
+            num_res_blocks=self.vae_num_res_blocks,
+            temperal_downsample=list(self.vae_temperal_downsample),
+        )
+
 
 def build_tokenizer():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
@@ -105,11 +116,7 @@ def build_tiny_wan_components(config: TinyWanConfig, seed: int = 0) -> dict:
         )
     ).eval()
     vae = AutoencoderKLWan(
-        base_dim=config.vae_base_dim,
-        z_dim=config.z_dim,
-        dim_mult=list(config.vae_dim_mult),
-        num_res_blocks=config.vae_num_res_blocks,
-        temperal_downsample=list(config.vae_temperal_downsample),
+        **config.vae_kwargs(),
         latents_mean=[0.1 * i for i in range(config.z_dim)],
         latents_std=[1.0 + 0.1 * i for i in range(config.z_dim)],
     ).eval()

@@ -168,7 +168,7 @@ class SlidingTileAttnImpl(AttentionImpl):
                     f"{value.shape[1]}"
                 )
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-            query = query[:, :n]  # only its length matters below
+            padded_queries = 0
         elif key.shape[1] != n or value.shape[1] != n or query.shape[1] < n:
             raise ValueError(
                 f"sliding-tile attention over {video_grid} expects {n} keys and values and at "
@@ -177,6 +177,7 @@ class SlidingTileAttnImpl(AttentionImpl):
         else:
             q = plan.queries_to_tile_major(query[:, :n])  # (B, H, Lq, D)
             k, v = plan.keys_to_tile_major(key), plan.keys_to_tile_major(value)
+            padded_queries = query.shape[1] - n  # sequence-parallel padding
         out = _flex_attention(
             q,
             k,
@@ -187,10 +188,8 @@ class SlidingTileAttnImpl(AttentionImpl):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         out = plan.from_tile_major(out)  # (B, n, H, D)
-        if query.shape[1] > n:
-            out = torch.cat(
-                [out, out.new_zeros(out.shape[0], query.shape[1] - n, *out.shape[2:])], 1
-            )
+        if padded_queries:
+            out = torch.cat([out, out.new_zeros(out.shape[0], padded_queries, *out.shape[2:])], 1)
         return out
 
 
