@@ -1,7 +1,10 @@
 """Video storage on any S3-compatible endpoint (SeaweedFS locally, MinIO or AWS in production).
 
-Keys: ``videos/<job_id>/attempt-<n>.mp4`` and a JSON sidecar ``.../attempt-<n>.json`` with
-the job's parameters. One key per attempt, so a stale attempt never overwrites the winner.
+Keys: ``videos/<job_id>/attempt-<n>.mp4``, a JSON sidecar ``.../attempt-<n>.json`` with the
+job's parameters, and two previews made by the worker beside the mp4: the first frame
+(``.../attempt-<n>.thumbnail.webp``) and a grid of frames (``.../attempt-<n>.spritesheet.jpg``),
+served as the ``thumbnail`` and ``spritesheet`` variants of ``GET /v1/videos/{id}/content``.
+One key per attempt, so a stale attempt never overwrites the winner.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ def video_key(job_id: str, attempt: int) -> str:
 
 def sidecar_key(job_id: str, attempt: int) -> str:
     return f"videos/{job_id}/attempt-{attempt}.json"
+
+
+def thumbnail_key(job_id: str, attempt: int) -> str:
+    return f"videos/{job_id}/attempt-{attempt}.thumbnail.webp"
+
+
+def spritesheet_key(job_id: str, attempt: int) -> str:
+    return f"videos/{job_id}/attempt-{attempt}.spritesheet.jpg"
 
 
 def sha256_file(path: Path) -> str:
