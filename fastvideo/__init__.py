@@ -10,6 +10,10 @@ if TYPE_CHECKING:
 
 __all__ = ["GenerationResult", "VideoGenerator"]
 
+#: Kept equal to ``[project] version`` in pyproject.toml (a test checks); ``fastvideo
+#: --version`` prints the installed distribution's and falls back to this one.
+__version__ = "0.1.0"
+
 
 def __getattr__(name: str):
     # Lazy, so ``import fastvideo.layers`` does not pull in diffusers and transformers.

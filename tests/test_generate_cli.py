@@ -4,16 +4,19 @@ and the result has the documented shape and types."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import subprocess
 import sys
+import tomllib
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fastvideo import VideoGenerator
@@ -95,18 +98,23 @@ def test_cli_writes_h264_mp4_with_requested_frames_size_and_fps(tiny_t2v, t2v, t
     assert np.abs(decoded @ luma - expected @ luma).mean() < 0.02
 
 
-def test_cli_console_script_in_a_subprocess_writes_the_mp4(tiny_t2v, tmp_path):
+_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+
+
+def _console_script() -> list[str]:
     script = Path(sys.executable).parent / "fastvideo"
-    command = (
+    return (
         [str(script)] if script.is_file() else [sys.executable, "-m", "fastvideo.entrypoints.cli"]
     )
+
+
+def test_cli_console_script_in_a_subprocess_writes_the_mp4(tiny_t2v, tmp_path):
     output = tmp_path / "video.mp4"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     done = subprocess.run(
-        [*command, *_cli_args(tiny_t2v, output, num_frames=5, fps=12)],
+        [*_console_script(), *_cli_args(tiny_t2v, output, num_frames=5, fps=12)],
         capture_output=True,
         text=True,
-        env=env,
+        env=_ENV,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
@@ -142,6 +150,75 @@ def test_cli_bad_input_exits_2_with_message_and_no_traceback(
     assert len(error_lines) == 1, err
     assert re.search(message, error_lines[0]), error_lines[0]
     assert not output.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cli_device_cuda_without_a_gpu_prints_one_line_and_exits_2(tiny_t2v, tmp_path, device):
+    output = tmp_path / "never.mp4"
+    args = _cli_args(tiny_t2v, output)
+    args[args.index("--device") + 1] = device
+    done = subprocess.run(
+        [*_console_script(), *args], capture_output=True, text=True, env=_ENV, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"fastvideo: error: --device {device}: no CUDA GPU is visible "
+        "(torch.cuda.is_available() is False); use --device cpu"
+    ), done.stderr
+    assert not output.exists()
+
+
+def test_cli_version_prints_the_package_version_and_exits_0():
+    import fastvideo
+
+    installed = importlib.metadata.version("fastvideo-batch")
+    done = subprocess.run(
+        [*_console_script(), "--version"], capture_output=True, text=True, env=_ENV, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"fastvideo {installed}"
+    # The fallback for a source tree without installed metadata is the same version.
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert fastvideo.__version__ == pyproject["project"]["version"] == installed
+
+
+def test_cli_generate_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:") :]
+    # One block per option: "  --flag METAVAR   help ..." and its continuation lines.
+    blocks = [" ".join(b.split()) for b in re.split(r"\n  (?=-)", options)[1:]]
+    flags = [b.split()[0].rstrip(",") for b in blocks]
+    assert "--height" in flags and "--no-progress" in flags
+    for flag, block in zip(flags, blocks, strict=True):
+        if flag == "-h":
+            continue
+        assert "(default: " in block or "(required)" in block, block
+    by_flag = dict(zip(flags, blocks, strict=True))
+    for flag, default in [
+        ("--height", "480"),
+        ("--width", "832"),
+        ("--num-frames", "81"),
+        ("--num-inference-steps", "50"),
+        ("--guidance-scale", "5.0"),
+        ("--fps", "16"),
+        ("--num-gpus", "1"),
+        ("--no-progress", "False"),
+    ]:
+        assert f"(default: {default})" in by_flag[flag], by_flag[flag]
+    for flag in ("--model-path", "--prompt", "--output-path"):
+        assert "(required)" in by_flag[flag]
+
+
+def test_cli_shows_the_progress_bar_unless_no_progress(tiny_t2v, tmp_path, capsys):
+    args = _cli_args(tiny_t2v, tmp_path / "a.mp4")
+    assert main([a for a in args if a != "--no-progress"]) == 0
+    assert f"{STEPS}/{STEPS}" in capsys.readouterr().err
+    assert main(_cli_args(tiny_t2v, tmp_path / "b.mp4")) == 0
+    assert "denoising" not in capsys.readouterr().err
 
 
 # --- generate_video validation ---------------------------------------------------------------

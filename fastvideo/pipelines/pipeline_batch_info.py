@@ -47,13 +47,19 @@ class ForwardBatch:
     max_sequence_length: int = 512
     callback: StepCallback | None = None
 
+    #: Where the initial noise comes from: seeded from ``seed`` by the input validation stage
+    #: unless the request brings one (a list: one generator per video of the batch).
+    generator: torch.Generator | list[torch.Generator] | None = None
+    #: (B, z_dim, T, h, w): the initial noise, drawn by the latent preparation stage (a request
+    #: may bring it already drawn, as diffusers' ``latents=``; then no seed is drawn), then
+    #: the denoising stage's output.
+    latents: torch.Tensor | None = None
+
     # What stages produce.
-    generator: torch.Generator | None = None
     prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
-    latents: torch.Tensor | None = None
     #: Extra channels concatenated to the latents at every step (image-to-video condition).
     condition_latents: torch.Tensor | None = None
     #: Decoded video, (B, 3, T, H, W) float32 in [0, 1].

@@ -15,7 +15,8 @@ def _positive_int(name: str, value: object) -> None:
 
 
 class InputValidationStage(PipelineStage):
-    """Checks the request and seeds the random generator.
+    """Checks the request and seeds the random generator (from ``seed``, drawn when None),
+    unless the request brings its own ``generator`` or initial ``latents``.
 
     With no arguments it checks only what holds for every pipeline. Pipelines pass the
     model's constraints: ``spatial_multiple`` (height and width must be multiples of it),
@@ -72,6 +73,10 @@ class InputValidationStage(PipelineStage):
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
         self.validate(batch)
+        if batch.generator is not None or batch.latents is not None:
+            # The caller's generator, or the noise it already drew from one: no seed to
+            # report (``batch.seed`` stays None), nothing to draw here.
+            return batch
         if batch.seed is None:
             batch.seed = int(torch.randint(0, 2**31 - 1, ()).item())
         # A CPU generator gives the same noise on every device (diffusers' convention too).
