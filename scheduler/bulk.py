@@ -43,6 +43,10 @@ class Client:
     timeout_s: float = 60.0
 
     def request(self, method: str, path: str, body: Any = None, headers=None) -> Any:
+        return self.exchange(method, path, body, headers)[0]
+
+    def exchange(self, method: str, path: str, body: Any = None, headers=None) -> tuple[Any, Any]:
+        """(decoded body, response headers)."""
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
             self.base_url.rstrip("/") + path, data=data, method=method, headers=headers or {}
@@ -54,6 +58,7 @@ class Client:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 raw = response.read()
+                reply_headers = response.headers
         except urllib.error.HTTPError as err:
             try:
                 message = json.loads(err.read())["error"]["message"]
@@ -63,15 +68,19 @@ class Client:
             raise ApiFailure(err.code, message, float(retry) if retry else None) from None
         except urllib.error.URLError as err:
             raise ApiFailure(0, f"cannot reach {self.base_url}: {err.reason}") from None
-        if response.headers.get("Content-Type", "").startswith("application/json"):
-            return json.loads(raw)
-        return raw
+        if reply_headers.get("Content-Type", "").startswith("application/json"):
+            return json.loads(raw), reply_headers
+        return raw, reply_headers
 
 
 @dataclass
 class Outcome:
     batch_id: str
+    #: Lines the batch now holds a video for: ``created`` new ones plus ``existing`` ones a
+    #: run before this one had submitted (the API replayed their Idempotency-Key).
     submitted: int = 0
+    created: int = 0
+    existing: int = 0
     failed: list[tuple[int, str]] = field(default_factory=list)  # (line, message)
 
 
@@ -132,8 +141,12 @@ def submit_dataset(
         deadline = time.monotonic() + max_wait_s
         while True:
             try:
-                client.request("POST", "/videos", video, headers)
+                _, reply = client.exchange("POST", "/videos", video, headers)
                 outcome.submitted += 1
+                if reply.get("Idempotent-Replayed") == "true":
+                    outcome.existing += 1
+                else:
+                    outcome.created += 1
                 break
             except ApiFailure as err:
                 if err.status == 429 and time.monotonic() < deadline:

@@ -5,61 +5,138 @@ fvb api                      the HTTP API
 fvb scheduler                the reaper / re-dispatcher loop
 fvb worker --gpus 0          one GPU worker (or --device cpu)
 fvb db upgrade               apply database migrations
-fvb keys create --tenant T   create an API key (printed once)
+fvb keys create --tenant T   create an API key (printed once); keys list, keys revoke ID
 fvb submit prompts.jsonl --model M [--wait --download DIR]
                              render a dataset as one batch through the API
+
+While an ``fvb up`` runs in the data dir (``.fvb``, ``FVB_DATA_DIR``), ``fvb submit``, ``fvb
+keys`` and ``fvb db`` use its database, API and dev key (from its ``stack.env``) unless the
+environment says otherwise. Every failure a user can fix is one line on stderr: exit 2 for
+bad usage or configuration, 1 for a failure at run time.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import logging
+import os
 import signal
 import sys
 import threading
+from importlib import metadata
 from pathlib import Path
+
+#: Commands that act on an existing deployment (and so on a running local stack).
+_CLIENT_COMMANDS = ("submit", "keys", "db")
+
+
+class UsageError(ValueError):
+    """Bad arguments or configuration: exit 2."""
+
+
+class RunFailure(RuntimeError):
+    """Failed while running, with a message that says why: exit 1."""
+
+
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM during ``fvb up``'s start-up: stop what has started."""
+
+
+def version() -> str:
+    try:
+        return metadata.version("fastvideo-batch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the empty ones (None, off flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return _DefaultsFormatter(prog, max_help_position=32)
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fvb", description="FastVideo Batch service")
+    parser = argparse.ArgumentParser(
+        prog="fvb", description="FastVideo Batch service", formatter_class=_formatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("up", help="start the local stack (Ctrl-C stops it)")
-    up.add_argument("--data-dir", type=Path, default=Path(".fvb"))
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, formatter_class=_formatter)
+
+    up = command("up", "start the local stack (Ctrl-C or SIGTERM stops it)")
+    up.add_argument(
+        "--data-dir", type=Path, default=None, help="where servers keep data (FVB_DATA_DIR: .fvb)"
+    )
     up.add_argument("--postgres", action="store_true", help="embedded PostgreSQL, not SQLite")
-    up.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    up.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: GPU if any")
     up.add_argument("--gpus", default=None, help="the worker's GPU group, e.g. 0,1")
-    up.add_argument("--api-port", type=int, default=None)
-    up.add_argument("--models-config", type=Path, default=None)
-    up.add_argument("--workers", type=int, default=1)
+    up.add_argument(
+        "--api-port",
+        type=int,
+        default=None,
+        help="default: FVB_API_PORT (8000), or a free port when that one is taken",
+    )
+    up.add_argument(
+        "--models-config", type=Path, default=None, help="default: tiny random-weight models"
+    )
+    up.add_argument("--workers", type=int, default=1, help="worker processes")
 
-    commands.add_parser("api", help="serve the HTTP API (FVB_API_HOST:FVB_API_PORT)")
-    commands.add_parser("scheduler", help="run the reaper and re-dispatcher")
+    command("api", "serve the HTTP API (FVB_API_HOST:FVB_API_PORT)")
+    command("scheduler", "run the reaper and re-dispatcher")
 
-    worker = commands.add_parser("worker", help="run one worker for a GPU group")
+    worker = command("worker", "run one worker for a GPU group")
     worker.add_argument("--gpus", default=None, help="GPU ids of the group, e.g. 0 or 0,1")
     worker.add_argument("--device", choices=["cpu", "cuda"], default=None)
     worker.add_argument("--pool", default=None, help="GPU pool (queue gpu.<pool>)")
 
-    db = commands.add_parser("db", help="database schema")
+    db = command("db", "database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_commands.add_parser("upgrade", help="apply all migrations")
+    db_commands.add_parser("upgrade", help="apply all migrations", formatter_class=_formatter)
 
-    keys = commands.add_parser("keys", help="API keys")
+    keys = command("keys", "API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_commands.add_parser("create", help="create a key (printed once)")
+    create = keys_commands.add_parser(
+        "create", help="create a key (printed once)", formatter_class=_formatter
+    )
     create.add_argument("--tenant", required=True)
-    create.add_argument("--name", default=None)
+    create.add_argument("--name", default=None, help="a label to recognise the key by")
+    create.add_argument(
+        "--operator", action="store_true", help="may also read /metrics and the whole fleet"
+    )
+    listing = keys_commands.add_parser(
+        "list", help="every key: id, tenant, prefix, state", formatter_class=_formatter
+    )
+    listing.add_argument("--tenant", default=None, help="only this tenant's keys")
+    revoke = keys_commands.add_parser(
+        "revoke",
+        help="revoke a key (it gets 401 from its next request)",
+        formatter_class=_formatter,
+    )
+    revoke.add_argument("key", help="the key's id (key_...) or its prefix (fvb-...)")
 
-    submit = commands.add_parser(
-        "submit", help="render a dataset (.jsonl bodies or one prompt per line) as one batch"
+    submit = command(
+        "submit", "render a dataset (.jsonl bodies or one prompt per line) as one batch"
     )
     submit.add_argument("dataset", type=Path)
     submit.add_argument("--model", default=None, help="for lines that name none")
     submit.add_argument(
-        "--api-url", default=None, help="the API's /v1 URL (default: FVB_API_HOST/FVB_API_PORT)"
+        "--api-url",
+        default=None,
+        help="the API's /v1 URL (default: FVB_API_URL, the running `fvb up`, or "
+        "FVB_API_HOST/FVB_API_PORT)",
     )
-    submit.add_argument("--api-key", default=None, help="default: $FVB_API_KEY")
+    submit.add_argument(
+        "--api-key", default=None, help="default: FVB_API_KEY, or the running `fvb up`'s dev key"
+    )
     submit.add_argument("--batch-id", default=None, help="resume submitting into this batch")
     submit.add_argument("--wait", action="store_true", help="follow the batch to the end")
     submit.add_argument("--download", type=Path, default=None, help="then save the videos here")
@@ -67,44 +144,88 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging() -> None:
+    """Long-running commands log INFO lines to stderr (their log file under ``fvb up``)."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def _up(ns: argparse.Namespace) -> int:
     from scheduler.localstack.stack import LocalStack
+    from scheduler.settings import get_settings
 
+    settings = get_settings()
     stack = LocalStack(
-        data_dir=ns.data_dir,
+        data_dir=ns.data_dir or settings.data_dir,
         postgres=ns.postgres,
         device=ns.device,
         gpus=ns.gpus,
         api_port=ns.api_port,
+        default_api_port=settings.api_port,
         models_config=ns.models_config,
         workers=ns.workers,
     )
+    # Explicit handlers for both signals: a shell that starts us in the background (or
+    # nohup) hands SIGINT down as ignored, and Python would keep it ignored.
     stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    info = stack.start()
+    starting = True
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopped.set()
+        if starting:
+            raise _Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"API        {info.api_url}")
-        print(f"dev key    {info.dev_key}")
-        print(f"dashboard  {info.dashboard_url}")
-        print(f"data       {info.data_dir}  (logs in {info.data_dir / 'logs'})")
-        print("Ctrl-C stops everything.", flush=True)
-        stopped.wait()
-    except KeyboardInterrupt:
-        pass
+        try:
+            info = stack.start()
+        except _Interrupted:
+            print("interrupted during start-up; stopped", file=sys.stderr)
+            return 130
+        starting = False
+        try:
+            if info.api_port_note:
+                print(f"note: {info.api_port_note}", flush=True)
+            print(f"API        {info.api_url}")
+            print(f"dev key    {info.dev_key}")
+            print(f"dashboard  {info.dashboard_url}")
+            print(f"broker     {info.broker_url}")
+            print(f"S3         {info.s3_endpoint_url}  (bucket fvb-videos)")
+            print(f"database   {_display_url(info.database_url)}")
+            print(f"data       {info.data_dir}  (logs in {info.data_dir / 'logs'})")
+            print(f"env        {info.env_file}  (read by fvb submit / keys; `. {info.env_file}`)")
+            print("Ctrl-C stops everything.", flush=True)
+            stopped.wait()
+        finally:
+            print("stopping ...", flush=True)
+            stack.stop()
     finally:
-        print("stopping ...", flush=True)
-        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _display_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _api() -> int:
     import uvicorn
 
-    from scheduler.api.app import create_app
+    from scheduler.api.app import ConfigurationError, create_app
     from scheduler.settings import get_settings
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+    try:
+        app = create_app(settings)
+    except ConfigurationError as err:
+        raise UsageError(str(err)) from None
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None)
     return 0
 
 
@@ -113,9 +234,9 @@ def _scheduler() -> int:
     from scheduler.settings import get_settings
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        run_reaper(get_settings(), stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run_reaper(get_settings(), stop)
     return 0
 
 
@@ -138,36 +259,40 @@ def _db(ns: argparse.Namespace) -> int:
 
     url = get_settings().database_url
     upgrade(url)
-    print(f"database at head: {url.split('@')[-1]}")
+    print(f"database at head: {_display_url(url)}")
     return 0
 
 
 def _keys(ns: argparse.Namespace) -> int:
-    from scheduler.api.auth import create_api_key
-    from scheduler.db.session import session_scope
+    from scheduler import keys
     from scheduler.settings import get_settings
 
-    with session_scope(get_settings().database_url) as session:
-        key = create_api_key(session, ns.tenant, name=ns.name)
-    print(key)
-    print(f"(tenant {ns.tenant}; the key is shown only now, store it)", file=sys.stderr)
+    url = get_settings().database_url
+    if ns.keys_command == "create":
+        key = keys.create(url, ns.tenant, name=ns.name, operator=ns.operator)
+        print(key)
+        kind = "operator key" if ns.operator else "key"
+        print(f"({kind} of tenant {ns.tenant}; it is shown only now, store it)", file=sys.stderr)
+    elif ns.keys_command == "list":
+        print(keys.table(keys.listed(url, ns.tenant)))
+    else:
+        revoked = keys.revoke(url, ns.key)
+        print(f"revoked {revoked.id} ({revoked.prefix}..., tenant {revoked.tenant})")
     return 0
 
 
 def _submit(ns: argparse.Namespace) -> int:
-    import os
-
     from tqdm import tqdm
 
     from scheduler import bulk
     from scheduler.settings import get_settings
 
-    api_url = ns.api_url
+    settings = get_settings()
+    api_url = ns.api_url or settings.api_url
     if api_url is None:
-        settings = get_settings()
         host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
         api_url = f"http://{host}:{settings.api_port}/v1"
-    client = bulk.Client(api_url, ns.api_key or os.environ.get("FVB_API_KEY"))
+    client = bulk.Client(api_url, ns.api_key or settings.api_key)
     batch_id = ns.batch_id
     try:
         total = sum(1 for _ in bulk.read_dataset(ns.dataset, ns.model))  # parse it all first
@@ -176,7 +301,11 @@ def _submit(ns: argparse.Namespace) -> int:
         print(f"batch {batch_id} (resume with --batch-id {batch_id})", flush=True)
         with tqdm(total=total, desc="submitting", unit="video", disable=ns.no_progress) as bar:
             outcome = bulk.submit_dataset(client, ns.dataset, ns.model, batch_id, progress=bar)
-        print(f"batch {batch_id}: {outcome.submitted} videos submitted", flush=True)
+        print(
+            f"batch {batch_id}: {outcome.submitted} videos submitted "
+            f"({outcome.created} new, {outcome.existing} already there)",
+            flush=True,
+        )
         for line, message in outcome.failed:
             print(f"{ns.dataset}:{line}: rejected: {message}", file=sys.stderr)
         if ns.wait or ns.download is not None:
@@ -191,9 +320,54 @@ def _submit(ns: argparse.Namespace) -> int:
             written = bulk.download_batch(client, batch_id, ns.download)
             print(f"{len(written)} videos written to {ns.download}")
     except bulk.ApiFailure as err:
-        print(f"fvb: error: {err}", file=sys.stderr)
-        return 1
+        raise RunFailure(str(err)) from None
     return 1 if outcome.failed else 0
+
+
+def _use_running_stack(data_dir: Path) -> None:
+    """Fill in what the environment leaves unset from the stack running in ``data_dir``."""
+    from scheduler.localstack.data_dir import holder_pid, read_live_env
+    from scheduler.settings import get_settings
+
+    values = read_live_env(data_dir)
+    if not values:
+        return
+    for key, value in values.items():
+        if not os.environ.get(key):  # set and empty counts as unset (FVB_API_KEY=$UNSET)
+            os.environ[key] = value
+    get_settings.cache_clear()
+    print(f"(using the local stack of {data_dir}, pid {holder_pid(data_dir)})", file=sys.stderr)
+
+
+def _describe(err: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for a failure a user can act on; None for a real bug."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+
+    from scheduler.localstack.data_dir import DataDirInUse
+    from scheduler.localstack.process import ServiceStartError
+
+    if isinstance(err, ValidationError):  # a ValueError too: first
+        problems = "; ".join(
+            f"FVB_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in err.errors()
+        )
+        return 2, f"bad setting: {problems}"
+    if isinstance(err, UsageError | ValueError):
+        return 2, str(err)
+    if isinstance(err, RunFailure | DataDirInUse):
+        return 1, str(err)
+    if isinstance(err, ServiceStartError):
+        first, _, _ = str(err).partition("\n")
+        return 1, f"{first} (its log is under the data dir's logs/)"
+    if isinstance(err, OperationalError | ProgrammingError | DBAPIError):
+        from scheduler.settings import get_settings
+
+        url = _display_url(get_settings().database_url)
+        reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
+        if "no such table" in reason or ("does not exist" in reason and "relation" in reason):
+            return 1, f"the database {url} has no tables yet: run `fvb db upgrade` first"
+        return 1, f"database {url}: {reason}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,10 +382,22 @@ def main(argv: list[str] | None = None) -> int:
         "submit": lambda: _submit(ns),
     }
     try:
+        if ns.command in ("api", "scheduler"):
+            _configure_logging()
+        if ns.command in _CLIENT_COMMANDS:
+            from scheduler.settings import get_settings
+
+            _use_running_stack(get_settings().data_dir)
         return handlers[ns.command]()
-    except ValueError as err:
-        print(f"fvb: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        described = _describe(err)
+        if described is None:
+            raise
+        code, message = described
+        print(f"fvb: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

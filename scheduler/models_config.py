@@ -13,12 +13,17 @@ max_steps = 100
 dit_precision = "bf16"
 ```
 
-What the API must check before accepting a job (size and frame rules, whether an image is
-required) is read from the model folder's config files, without loading any weights.
+What the API must check before accepting a job is read from the model folder's config
+files, without loading any weights: the pipeline (whether an image is required), the VAE's
+compression and the DiT's patch size (size multiples, the frame rule ``temporal_factor*k+1``)
+and the DiT's rotary table (``rope_max_seq_len`` positions per axis of the latent grid in
+patches: the largest width, height and frame count the model can place). A served model
+whose own defaults break those rules is a config error at start-up, not a failed job.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -44,10 +49,56 @@ class ServedModel:
     pipeline_class: str = ""
     spatial_multiple: int = 16
     temporal_factor: int = 4
+    #: The DiT's patch size over the latent (frames, height, width).
+    latent_patch: tuple[int, int, int] = (1, 2, 2)
+    #: Positions of the DiT's rotary table per axis of the patch grid.
+    rope_max_seq_len: int = 1024
 
     @property
     def image_to_video(self) -> bool:
         return self.pipeline_class in IMAGE_TO_VIDEO_PIPELINES
+
+    @property
+    def max_side(self) -> int:
+        """The largest width or height (pixels) the rotary table reaches."""
+        return self.rope_max_seq_len * self.spatial_multiple
+
+    def frames_fit(self, frames: int) -> bool:
+        """``frames`` follows the frame rule and the latent frames fit the patch grid."""
+        if frames < 1 or (frames - 1) % self.temporal_factor:
+            return False
+        latent = (frames - 1) // self.temporal_factor + 1
+        return latent % self.latent_patch[0] == 0 and (
+            latent // self.latent_patch[0] <= self.rope_max_seq_len
+        )
+
+    @property
+    def longest(self) -> int:
+        """The most frames a job may ask for: ``max_frames`` cut to the rules."""
+        frames = self.temporal_factor * ((self.max_frames - 1) // self.temporal_factor) + 1
+        while frames > 1 and not self.frames_fit(frames):
+            frames -= self.temporal_factor
+        return frames
+
+    def size_problem(self, width: int, height: int) -> str | None:
+        """Why this model cannot render ``width``x``height``, or None."""
+        multiple = self.spatial_multiple
+        if width <= 0 or height <= 0 or width % multiple or height % multiple:
+            return (
+                f"width and height must be positive multiples of {multiple} for model '{self.name}'"
+            )
+        if max(width, height) > self.max_side:
+            return (
+                f"model '{self.name}' renders at most {self.max_side} pixels per side (its "
+                f"rotary table covers {self.rope_max_seq_len} patches of {multiple} px: "
+                "rope_max_seq_len in transformer/config.json)"
+            )
+        if width * height > self.max_pixels:
+            return (
+                f"that is {width * height} pixels; model '{self.name}' allows at most "
+                f"{self.max_pixels} (max_pixels)"
+            )
+        return None
 
     @property
     def queue(self) -> str:
@@ -67,13 +118,39 @@ def _inspect_folder(path: Path) -> dict[str, Any]:
         raise ValueError(f"model folder {path} has no model_index.json")
     transformer = _read_json(path / "transformer" / "config.json")
     vae = _read_json(path / "vae" / "config.json")
-    patch = transformer.get("patch_size", [1, 2, 2])
-    spatial = int(vae.get("scale_factor_spatial", 8)) * max(int(patch[1]), int(patch[2]))
+    patch = tuple(int(p) for p in transformer.get("patch_size", [1, 2, 2]))
+    spatial = int(vae.get("scale_factor_spatial", 8)) * max(patch[1], patch[2])
     return {
         "pipeline_class": index.get("_class_name", ""),
         "spatial_multiple": spatial,
         "temporal_factor": int(vae.get("scale_factor_temporal", 4)),
+        "latent_patch": patch,
+        "rope_max_seq_len": int(transformer.get("rope_max_seq_len", 1024)),
     }
+
+
+def _fitting_default_size(model: ServedModel) -> str:
+    """832x480 (Wan's 480p), cut down to what the model can place when it cannot."""
+    width, height = (int(side) for side in ServedModel.default_size.split("x"))
+    multiple = model.spatial_multiple
+    width = max(multiple, min(width, model.max_side) // multiple * multiple)
+    height = max(multiple, min(height, model.max_side) // multiple * multiple)
+    return f"{width}x{height}"
+
+
+def _check_defaults(path: Path, model: ServedModel) -> None:
+    """The entry's own defaults must be renderable: a config error now, not failed jobs."""
+    where = f"models config {path}: model {model.name!r}"
+    width, _, height = model.default_size.partition("x")
+    if not (width.isascii() and width.isdigit() and height.isascii() and height.isdigit()):
+        raise ValueError(
+            f"{where}: default_size must be 'WIDTHxHEIGHT', got {model.default_size!r}"
+        )
+    problem = model.size_problem(int(width), int(height))
+    if problem:
+        raise ValueError(f"{where}: default_size {model.default_size}: {problem}")
+    if model.max_frames < 1 or model.longest < 1 or not model.frames_fit(model.longest):
+        raise ValueError(f"{where}: max_frames={model.max_frames} allows no frame count")
 
 
 def load_models_config(path: Path) -> dict[str, ServedModel]:
@@ -88,6 +165,8 @@ def load_models_config(path: Path) -> dict[str, ServedModel]:
         "pipeline_class",
         "spatial_multiple",
         "temporal_factor",
+        "latent_patch",
+        "rope_max_seq_len",
     }
     models = {}
     for name, entry in entries.items():
@@ -99,9 +178,11 @@ def load_models_config(path: Path) -> dict[str, ServedModel]:
         folder = Path(entry["path"]).expanduser()
         if not folder.is_absolute():
             folder = (path.parent / folder).resolve()
-        models[name] = ServedModel(
-            name=name, **{**entry, "path": folder}, **_inspect_folder(folder)
-        )
+        model = ServedModel(name=name, **{**entry, "path": folder}, **_inspect_folder(folder))
+        if "default_size" not in entry:
+            model = dataclasses.replace(model, default_size=_fitting_default_size(model))
+        _check_defaults(path, model)
+        models[name] = model
     return models
 
 

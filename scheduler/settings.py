@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     api_port: int = 8000
     #: Without auth every request is tenant "default"; refused on a non-loopback address.
     auth_enabled: bool = True
+    #: Wrong API keys one client address may send per minute before it gets 429.
+    auth_failures_per_minute: int = 20
+    #: Video downloads the API streams at once; more get 503 with Retry-After at once, so a
+    #: hung store can hold only this many of the API's threads.
+    max_concurrent_downloads: int = Field(default=16, ge=1)
+    #: Timeout of the API's own store calls (downloads, input images, deletes): a request
+    #: waits at most about this long for a store that stopped answering.
+    request_store_timeout_s: float = Field(default=5.0, gt=0)
     #: Queued jobs above which new submissions get 429 with Retry-After.
     max_queued_jobs: int = 10_000
     #: Fair share between tenants (scheduler/dispatch.py): a tenant's job drops one priority
@@ -58,12 +66,24 @@ class Settings(BaseSettings):
     storage_retry_attempts: int = 6
     storage_retry_base_s: float = 0.5
     storage_retry_max_s: float = 8.0
+    #: A store outage while a rendered job uploads is waited out (the encoded files stay on
+    #: the worker's disk, the attempt keeps heart-beating, retries back off up to
+    #: storage_retry_max_s) for at most this long; then the job goes back to the queue, or
+    #: fails with storage_unavailable when it has no attempt left.
+    storage_outage_max_s: float = Field(default=3600.0, gt=0)
 
     # Worker.
     worker_pool: str = "default"
     worker_device: str | None = None
     worker_gpus: str | None = None
     pipeline_cache_size: int = Field(default=2, ge=1)
+
+    # Command-line clients (``fvb submit``): the API to talk to and the key to use. Unset,
+    # they come from a running ``fvb up`` (its ``stack.env``), else from api_host/api_port.
+    api_url: str | None = None
+    api_key: str | None = None
+    #: ``fvb up``'s data dir: servers' data, logs, the dev key, ``stack.env``.
+    data_dir: Path = Path(".fvb")
 
 
 @lru_cache(maxsize=1)

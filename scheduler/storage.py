@@ -61,9 +61,16 @@ class StoredObject:
 
 
 class VideoStore:
-    def __init__(self, settings: Settings) -> None:
+    """The bucket of one deployment. Workers keep the long default read timeout (large
+    uploads); the API passes short ones (its calls sit on a request thread)."""
+
+    def __init__(
+        self, settings: Settings, *, connect_timeout_s: float = 3, read_timeout_s: float = 30
+    ) -> None:
         self.settings = settings
         self.bucket = settings.s3_bucket
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
 
     @cached_property
     def client(self):
@@ -76,8 +83,8 @@ class VideoStore:
             # Our own retry policy (worker) decides how long to wait for a store that is down.
             config=Config(
                 retries={"max_attempts": 1, "mode": "standard"},
-                connect_timeout=3,
-                read_timeout=30,
+                connect_timeout=self.connect_timeout_s,
+                read_timeout=self.read_timeout_s,
                 s3={"addressing_style": "path"},
             ),
         )
@@ -140,9 +147,20 @@ class VideoStore:
         except (BotoCoreError, ClientError) as err:
             raise StorageUnavailable(f"storage list failed: {err}") from err
 
-    def stream(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    def open(self, key: str, chunk_size: int = 1 << 20) -> tuple[int | None, Iterator[bytes]]:
+        """(size in bytes, chunks) of a stored object; the GET is sent now, so a missing key
+        or a store that is down raises here, before any byte is promised to a client."""
         response = self._call("get_object", self.client.get_object, Bucket=self.bucket, Key=key)
-        yield from response["Body"].iter_chunks(chunk_size)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response["Body"].iter_chunks(chunk_size)
+            except (BotoCoreError, ClientError) as err:
+                raise StorageUnavailable(f"storage read of {key} failed: {err}") from err
+            finally:
+                response["Body"].close()
+
+        return response.get("ContentLength"), chunks()
 
     def presigned_get_url(self, key: str) -> str:
         return self.client.generate_presigned_url(
@@ -153,3 +171,18 @@ class VideoStore:
 
     def ping(self) -> None:
         self._call("head_bucket", self.client.head_bucket, Bucket=self.bucket)
+
+    def put_file(self, path: Path, key: str, content_type: str) -> StoredObject:
+        """Upload a small file (a preview image) in one PUT; its sha256 goes in the metadata."""
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        self._call(
+            "put_object",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+            Metadata={"sha256": digest},
+        )
+        return StoredObject(key=key, size=len(data), sha256=digest)

@@ -8,17 +8,17 @@ and ``/readyz`` says so.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 
 from fastapi import FastAPI
 
 from scheduler.api.context import ApiContext
-from scheduler.api.errors import install_error_handlers
+from scheduler.api.errors import RequestMiddleware, install_error_handlers
 from scheduler.api.metrics import Metrics, MetricsMiddleware
 from scheduler.api.routes import batches, dashboard, health, models, videos
 from scheduler.models_config import load_models_config
+from scheduler.net import is_loopback
 from scheduler.settings import Settings, get_settings
 from scheduler.storage import VideoStore
 
@@ -27,15 +27,6 @@ log = logging.getLogger(__name__)
 
 class ConfigurationError(RuntimeError):
     """The settings do not describe an API that may start."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _load_models(settings: Settings):
@@ -51,13 +42,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raise ConfigurationError(
             f"auth is disabled (FVB_AUTH_ENABLED=false) but the API would listen on "
             f"{settings.api_host!r}: without auth it may only listen on a loopback address "
-            "(127.0.0.1, ::1, localhost)"
+            "(127.0.0.1, ::1, localhost). Requests that reach it on any other address are "
+            "refused too (scheduler/api/auth.py)."
         )
     served = _load_models(settings)
     context = ApiContext(
         settings=settings,
         models=served,
-        store=VideoStore(settings),
+        # Request threads must not wait on a hung store for boto3's default 30 s.
+        store=VideoStore(
+            settings,
+            connect_timeout_s=min(3.0, settings.request_store_timeout_s),
+            read_timeout_s=settings.request_store_timeout_s,
+        ),
         models_loaded_at=int(settings.models_config.stat().st_mtime or time.time()),
     )
     context.try_ensure_bucket()  # storage may be down now; /readyz tells, requests retry
@@ -71,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(context)
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestMiddleware)  # last added is outermost: ids on every answer
     app.include_router(videos.router)
     app.include_router(batches.router)
     app.include_router(models.router)

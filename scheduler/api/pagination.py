@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 from scheduler.api.errors import ApiError
 
 MAX_LIST_LIMIT = 100
+#: The range ``check_limit`` enforces, for the OpenAPI schema of every ``limit`` parameter.
+LIMIT_RANGE = {"minimum": 1, "maximum": MAX_LIST_LIMIT}
 
 
 def check_limit(limit: int) -> None:

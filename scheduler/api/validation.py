@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from scheduler.api.body import check_declared_length, check_text, read_json
 from scheduler.api.errors import ApiError
 from scheduler.api.images import (
     MAX_IMAGE_BYTES,
@@ -63,7 +64,11 @@ FIELDS = frozenset(
 )
 
 _BRACKETED = re.compile(r"^(\w+)\[([^\[\]]*)\]$")
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+# Numbers sent as text (multipart forms): ASCII digits only; int() and float() would also
+# take other scripts' digits ("６４").
+_INT_TEXT = re.compile(r"^[+-]?[0-9]+$")
+_FLOAT_TEXT = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 
 
 # --- reading the body ------------------------------------------------------------------
@@ -78,25 +83,14 @@ class UploadedImage:
 
 async def read_create_body(request: Request) -> dict[str, Any]:
     """The submitted fields as a dict, from JSON or multipart/form-data."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(
-            413,
-            f"request body is {int(declared)} bytes; at most {MAX_BODY_BYTES} accepted",
-            code="request_too_large",
-        )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
-        try:
-            body = await request.json()
-        except ValueError as err:
-            raise ApiError(
-                400, f"request body is not valid JSON: {err}", code="invalid_json"
-            ) from err
+        body = await read_json(request, MAX_BODY_BYTES)
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
         return body
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        check_declared_length(request, MAX_BODY_BYTES)
         return await _read_form(request)
     raise ApiError(
         415,
@@ -120,6 +114,7 @@ async def _read_form(request: Request) -> dict[str, Any]:
                 data = await value.read(MAX_IMAGE_BYTES + 1)
                 fields[key] = UploadedImage(data)
                 continue
+            check_text(key, value)
             nested = _BRACKETED.match(key)
             if nested:
                 name, sub = nested.groups()
@@ -215,13 +210,10 @@ def _as_int(name: str, value: Any, low: int | None = None, high: int | None = No
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str):
-        try:
-            number = int(value.strip())
-        except ValueError:
-            number = None
+    elif isinstance(value, str) and _INT_TEXT.match(value.strip()):
+        number = int(value.strip())
     if number is None:
-        raise ApiError.invalid(name, f"{name} must be an integer, got {value!r}")
+        raise ApiError.invalid(name, f"{name} must be an integer, got {_shown(value)}")
     _check_range(name, number, low, high)
     return number
 
@@ -232,15 +224,18 @@ def _as_float(name: str, value: Any, low: float | None = None, high: float | Non
         number = None
     elif isinstance(value, int | float):
         number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            number = None
+    elif isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        number = float(value.strip())
     if number is None or not math.isfinite(number):
-        raise ApiError.invalid(name, f"{name} must be a number, got {value!r}")
+        raise ApiError.invalid(name, f"{name} must be a finite number, got {_shown(value)}")
     _check_range(name, number, low, high)
     return number
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value as an error message may quote it: short (an int of 400 digits is no float)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _check_range(name: str, number: float, low: float | None, high: float | None) -> None:
@@ -251,7 +246,8 @@ def _check_range(name: str, number: float, low: float | None, high: float | None
             bounds = f"at least {low}"
         else:
             bounds = f"at most {high}"
-        raise ApiError.invalid(name, f"{name} must be {bounds}, got {number:g}")
+        shown = f"{number:g}" if isinstance(number, float) else _shown(number)
+        raise ApiError.invalid(name, f"{name} must be {bounds}, got {shown}")
 
 
 def _as_str(name: str, value: Any) -> str:
@@ -302,62 +298,55 @@ def _size(fields: dict[str, Any], model: ServedModel) -> tuple[int, int]:
     match = _SIZE.match(text.strip())
     if match is None:
         raise ApiError.invalid(
-            "size", f"size must be 'WIDTHxHEIGHT' (e.g. '832x480'), got {text!r}"
+            "size",
+            f"size must be 'WIDTHxHEIGHT' in ASCII digits (e.g. '832x480'), got {_shown(text)}",
         )
     width, height = int(match[1]), int(match[2])
-    multiple = model.spatial_multiple
-    if width <= 0 or height <= 0 or width % multiple or height % multiple:
-        raise ApiError.invalid(
-            "size",
-            f"size {width}x{height}: width and height must be positive multiples of "
-            f"{multiple} for model '{model.name}'",
-        )
-    if width * height > model.max_pixels:
-        raise ApiError.invalid(
-            "size",
-            f"size {width}x{height} is {width * height} pixels; model '{model.name}' allows "
-            f"at most {model.max_pixels}",
-        )
+    problem = model.size_problem(width, height)
+    if problem:
+        raise ApiError.invalid("size", f"size {width}x{height}: {problem}")
     return width, height
 
 
 def _frames(fields: dict[str, Any], model: ServedModel, fps: int) -> tuple[int, str]:
-    """(num_frames, seconds as shown): num_frames wins; else seconds*fps rounded to the
-    model's ``temporal_factor*k+1``; else the default duration, capped at max_frames."""
+    """(num_frames, seconds as shown). num_frames wins; else seconds*fps rounded to the
+    model's frame rule ``temporal_factor*k+1``; else the default duration, cut to the longest
+    the model renders. The ``seconds`` shown is what is rendered: ``(num_frames - 1) / fps``,
+    Wan's count (a first frame, then ``temporal_factor*k`` frames of motion: 81 frames at
+    16 fps are 5 s), so the API never echoes a duration it did not render."""
     factor = model.temporal_factor
-    longest = factor * ((model.max_frames - 1) // factor) + 1
+    longest = model.longest
     if _given(fields, "num_frames"):
         frames = _as_int("num_frames", fields["num_frames"], 1)
-        if (frames - 1) % factor:
+        if not model.frames_fit(frames):
             below = factor * ((frames - 1) // factor) + 1
             raise ApiError.invalid(
                 "num_frames",
                 f"num_frames must be {factor}*k+1 for model '{model.name}' "
                 f"(e.g. {below} or {below + factor}), got {frames}",
             )
-        if frames > model.max_frames:
+        if frames > longest:
             raise ApiError.invalid(
                 "num_frames",
-                f"num_frames {frames} is above the maximum of {model.max_frames} for model "
-                f"'{model.name}'",
+                f"num_frames {frames} is above the maximum of {longest} for model '{model.name}'",
             )
-        return frames, _format_seconds(frames / fps)
+        return frames, _format_seconds((frames - 1) / fps)
     if _given(fields, "seconds"):
         seconds = _as_float("seconds", fields["seconds"])
         if seconds <= 0:
             raise ApiError.invalid("seconds", f"seconds must be positive, got {seconds:g}")
-        frames = factor * max(0, math.floor((seconds * fps - 1) / factor + 0.5)) + 1
-        if frames > model.max_frames:
+        frames = factor * math.floor(seconds * fps / factor + 0.5) + 1
+        if frames > longest:
             raise ApiError.invalid(
                 "seconds",
                 f"seconds={seconds:g} at {fps} fps is {frames} frames; model '{model.name}' "
-                f"renders at most {model.max_frames} frames "
-                f"({_format_seconds(longest / fps)} s at {fps} fps)",
+                f"renders at most {longest} frames "
+                f"({_format_seconds((longest - 1) / fps)} s at {fps} fps)",
             )
-        return frames, _format_seconds(seconds)
-    frames = factor * max(0, math.floor((DEFAULT_SECONDS * fps - 1) / factor + 0.5)) + 1
+        return frames, _format_seconds((frames - 1) / fps)
+    frames = factor * math.floor(DEFAULT_SECONDS * fps / factor + 0.5) + 1
     frames = min(frames, longest)
-    return frames, _format_seconds(frames / fps)
+    return frames, _format_seconds((frames - 1) / fps)
 
 
 def _metadata(value: Any) -> dict[str, str]:

@@ -1,24 +1,98 @@
 """A child server process in its own process group, with a log file and a clean stop.
 
 Every started process is tracked until stopped, and an atexit hook stops the rest, so a test
-run or a demo that forgets to stop a server does not leave it running. (A parent killed with
-SIGKILL cannot run atexit; its servers then keep running until killed by hand.)
+run or a demo that forgets to stop a server does not leave it running. A parent that dies
+without running atexit (SIGKILL, the OOM killer) takes its children with it too: each child
+asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``, Linux), see
+:func:`die_with_parent`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
+import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+# Loaded here, in the parent: the forked child must not dlopen (it may hold no locks).
+_libc = (
+    ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when this process dies.
+
+    Linux delivers the signal when the *thread* that forked the child exits, so
+    :class:`ManagedProcess` forks only from threads that live as long as the process (see
+    :class:`_Spawner`); pass this to ``subprocess.Popen`` yourself only from
+    the main thread. The check of ``getppid`` closes the race of a parent that died between
+    ``fork`` and ``prctl``. Returns None where the kernel has no such request (not Linux).
+    """
+    if _libc is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        # Runs in the child after subprocess has dropped privileges (setreuid comes first),
+        # so the setting survives: a change of credentials would clear it.
+        _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+class _Spawner:
+    """A daemon thread that runs ``Popen`` for callers on short-lived threads.
+
+    The parent-death signal follows the forking thread: a server started from a thread that
+    then ends would be killed with it. The main thread and this one last until the process
+    exits (daemon threads are never joined, not even at interpreter shutdown).
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, make: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        if threading.current_thread() is threading.main_thread():
+            return make()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="fvb-spawner", daemon=True)
+                self._thread.start()
+        done: queue.Queue = queue.Queue(maxsize=1)
+        self._requests.put((make, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _serve(self) -> None:
+        while True:
+            make, done = self._requests.get()
+            try:
+                done.put((True, make()))
+            except BaseException as error:  # handed back to the caller's thread
+                done.put((False, error))
+
+
+_spawner = _Spawner()
 
 _live: set[ManagedProcess] = set()
 _live_lock = threading.Lock()
@@ -87,15 +161,18 @@ class ManagedProcess:
                 # Dropping privileges in the child (setgroups/setregid/setreuid before exec)
                 # needs no su/runuser/setpriv on the machine.
                 kwargs = {"user": self.user, "group": self.group, "extra_groups": []}
-            self._popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.cwd,
-                start_new_session=True,
-                **kwargs,  # type: ignore[arg-type]
+            self._popen = _spawner.run(
+                lambda: subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    cwd=self.cwd,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent(),
+                    **kwargs,  # type: ignore[arg-type]
+                )
             )
         with _live_lock:
             _live.add(self)
@@ -180,10 +257,27 @@ class ManagedProcess:
             os.killpg(self._popen.pid, sig)
 
 
+def stop_together(stops: Sequence[Callable[[], None]]) -> None:
+    """Run every stop at once (each may wait its grace period), and wait for all of them.
+
+    One after another, N processes that ignore SIGTERM would take N grace periods.
+    """
+    threads = [threading.Thread(target=_quietly, args=(stop,), daemon=True) for stop in stops]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _quietly(stop: Callable[[], None]) -> None:
+    try:
+        stop()
+    except Exception:
+        log.exception("stopping a process failed")
+
+
 @atexit.register
 def _stop_all() -> None:
     with _live_lock:
         leftovers = list(_live)
-    for process in leftovers:
-        with contextlib.suppress(Exception):
-            process.stop(grace=5.0)
+    stop_together([lambda p=process: p.stop(grace=5.0) for process in leftovers])

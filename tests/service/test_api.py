@@ -221,7 +221,7 @@ def test_multipart_create_stores_validated_params_and_puts_message_on_pool_queue
     assert video["status"] == "queued"
     assert video["model"] == T2V
     assert video["size"] == "64x32"
-    assert video["seconds"] == "2.125"  # 17 frames at 8 fps
+    assert video["seconds"] == "2"  # 17 frames at 8 fps: a first frame and 2 s of motion
     assert video["progress"] == 0
     assert video["error"] is None and video["completed_at"] is None
     assert abs(video["created_at"] - time.time()) < 30
@@ -239,7 +239,7 @@ def test_multipart_create_stores_validated_params_and_puts_message_on_pool_queue
         "guidance_scale": 6.5,
         "seed": 1234,
         "fps": 8,
-        "seconds": "2.125",
+        "seconds": "2",
         "metadata": {"shot": "12", "take": "b"},
     }
     assert len(job.request_hash) == 64
@@ -268,7 +268,7 @@ def test_defaults_come_from_the_model_and_a_seed_is_picked_once(client, acme, se
     # Default 4 s at the model's 8 fps = 32 frames, rounded to 33 (= max_frames).
     assert video["size"] == "64x64"
     assert video["num_frames"] == 33
-    assert video["seconds"] == "4.125"
+    assert video["seconds"] == "4"
     params = load_job(settings, video["id"]).params
     assert params["num_inference_steps"] == 20  # min(50, max_steps)
     assert params["guidance_scale"] == 5.0
@@ -498,11 +498,30 @@ def test_another_tenants_video_is_404_everywhere(client, acme, globex):
     assert client.get(f"/v1/videos/{video_id}", headers=acme).json()["status"] == "queued"
 
 
+def _no_auth_client(settings, server: str, client: str) -> TestClient:
+    """The app without auth, as reached on ``server`` from ``client`` (the socket's two ends)."""
+    app = create_app(settings.model_copy(update={"auth_enabled": False}))
+    host = f"[{server}]" if ":" in server else server
+    return TestClient(app, base_url=f"http://{host}", client=(client, 50000))
+
+
 def test_without_auth_every_request_is_the_default_tenant(settings):
-    local = TestClient(create_app(settings.model_copy(update={"auth_enabled": False})))
+    local = _no_auth_client(settings, "127.0.0.1", "127.0.0.1")
     response = submit(local, {})
     assert response.status_code == 200, response.text
     assert load_job(settings, response.json()["id"]).tenant == "default"
+
+
+@pytest.mark.parametrize(
+    ("server", "client"),
+    [("192.0.2.7", "192.0.2.9"), ("127.0.0.1", "192.0.2.9"), ("::1", "10.0.0.1")],
+)
+def test_without_auth_a_request_that_arrived_off_loopback_is_refused(settings, server, client):
+    refused = _no_auth_client(settings, server, client)
+    for method, path in [("POST", "/v1/videos"), ("GET", "/v1/videos"), ("GET", "/metrics")]:
+        response = refused.request(method, path, json={"model": T2V, "prompt": "x"})
+        error = assert_error(response, 403, None, "loopback", client)
+        assert error["code"] == "loopback_only"
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "api.example.com"])
@@ -611,7 +630,7 @@ def test_content_streams_the_mp4_once_completed(client, acme, settings, s3):
     assert response.headers["content-type"] == "video/mp4"
     assert response.content == content
     assert_error(
-        client.get(f"/v1/videos/{video_id}/content?variant=thumbnail", headers=acme),
+        client.get(f"/v1/videos/{video_id}/content?variant=poster", headers=acme),
         400,
         "variant",
         "'thumbnail'",
@@ -681,6 +700,13 @@ def test_models_lists_what_the_config_serves(client, acme, models_toml):
     assert models[I2V]["pipeline"] == "WanImageToVideoPipeline"
 
 
+@pytest.fixture(scope="module")
+def operator(settings) -> dict[str, str]:
+    with session_scope(settings.database_url) as session:
+        key = create_api_key(session, "ops", name="tests", operator=True)
+    return {"Authorization": f"Bearer {key}"}
+
+
 def test_healthz_and_readyz_when_everything_is_up(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     response = client.get("/readyz")
@@ -688,21 +714,26 @@ def test_healthz_and_readyz_when_everything_is_up(client):
     assert response.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
 
 
-def test_readyz_names_stopped_storage_and_app_still_starts(settings):
+def test_readyz_names_stopped_storage_and_app_still_starts(settings, operator):
     dead = f"http://127.0.0.1:{free_port()}"
-    app = create_app(settings.model_copy(update={"s3_endpoint_url": dead}))
-    response = TestClient(app).get("/readyz")
+    app = TestClient(create_app(settings.model_copy(update={"s3_endpoint_url": dead})))
+    response = app.get("/readyz")
     error = assert_error(response, 503, None, "storage down")
     assert error["code"] == "not_ready"
     checks = response.json()["checks"]
-    assert checks["database"] == "ok" and checks["broker"] == "ok"
-    assert checks["storage"].startswith("down:")
+    # An anonymous probe learns what is down, not where it lives.
+    assert checks == {"database": "ok", "broker": "ok", "storage": "down"}
+    assert "127.0.0.1" not in response.text
+    detailed = app.get("/readyz", headers=operator).json()["checks"]
+    assert detailed["storage"].startswith("down:") and dead in detailed["storage"]
 
 
-def test_stopped_broker_fails_readyz_but_not_submissions(client, acme, settings, valkey_server):
+def test_stopped_broker_fails_readyz_but_not_submissions(
+    client, acme, operator, settings, valkey_server
+):
     valkey_server.stop()
     try:
-        response = client.get("/readyz")
+        response = client.get("/readyz", headers=operator)
         assert_error(response, 503, None, "broker down")
         assert response.json()["checks"]["broker"].startswith("down:")
         created = submit(client, acme)
@@ -733,9 +764,17 @@ def test_hung_broker_does_not_hang_submissions(client, acme, settings, valkey_se
         time.sleep(0.05)
 
 
-def test_metrics_report_jobs_by_status_and_requests(client, acme, settings):
+def test_metrics_need_an_operator_key(client, acme):
+    assert_error(client.get("/metrics"), 401, None, "Missing API key")
+    error = assert_error(client.get("/metrics", headers=acme), 403, None, "operator key")
+    assert error["code"] == "operator_key_required"
+
+
+def test_metrics_report_jobs_by_status_and_requests(client, acme, operator, settings):
     submit(client, acme)
-    text = client.get("/metrics").text
+    response = client.get("/metrics", headers=operator)
+    assert response.status_code == 200, response.text
+    text = response.text
     with session_scope(settings.database_url) as session:
         queued = len(
             session.execute(
@@ -751,7 +790,7 @@ def test_metrics_report_jobs_by_status_and_requests(client, acme, settings):
 def test_framework_errors_use_the_openai_shape(client, acme):
     assert_error(client.get("/v1/nothing-here", headers=acme), 404, None, "Not Found")
     assert_error(client.put("/v1/videos", headers=acme), 405, None, "Method Not Allowed")
-    assert_error(client.get("/v1/videos?limit=many", headers=acme), 422, "limit", "integer")
+    assert_error(client.get("/v1/videos?limit=many", headers=acme), 400, "limit", "integer")
 
 
 # --- the official SDK against a real server -------------------------------------------------

@@ -4,11 +4,13 @@ API, scheduler and Celery worker processes), driven by the official OpenAI SDK."
 from __future__ import annotations
 
 import hashlib
+import io
 
 import av
 import boto3
 import pytest
 from openai import OpenAI
+from PIL import Image
 from sqlalchemy import select
 
 from scheduler.db.models import Job
@@ -68,7 +70,19 @@ def test_sdk_job_completes_and_the_stored_bytes_match_the_database(stack, tmp_pa
     assert sorted(k for k in keys if video.id in k) == [
         f"videos/{video.id}/attempt-1.json",
         f"videos/{video.id}/attempt-1.mp4",
+        f"videos/{video.id}/attempt-1.spritesheet.jpg",
+        f"videos/{video.id}/attempt-1.thumbnail.webp",
     ]
+
+    # The previews, through the SDK as OpenAI's clients fetch them.
+    thumbnail = client.videos.download_content(video.id, variant="thumbnail")
+    assert thumbnail.response.headers["content-type"] == "image/webp"
+    with Image.open(io.BytesIO(thumbnail.content)) as image:
+        assert (image.format, image.size) == ("WEBP", (128, 64))
+    sheet = client.videos.download_content(video.id, variant="spritesheet")
+    assert sheet.response.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(sheet.content)) as image:
+        assert image.format == "JPEG" and image.width > image.height
 
 
 def test_make_demo_path_renders_every_sample(tmp_path):

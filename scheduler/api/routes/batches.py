@@ -6,15 +6,60 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Depends, Query, Request
 
 from scheduler.api import batches
 from scheduler.api.auth import Tenant
+from scheduler.api.body import parse_json, read_limited
 from scheduler.api.context import ApiContext, get_context
-from scheduler.api.pagination import check_limit
+from scheduler.api.openapi import VIDEO_FIELDS, errors
+from scheduler.api.pagination import LIMIT_RANGE, check_limit
 from scheduler.api.schemas import BatchList, BatchObject
 
-router = APIRouter(prefix="/v1", tags=["batches"])
+router = APIRouter(prefix="/v1", tags=["batches"], responses=errors(401, 403, 429, 500, 503))
+
+#: A batch of 1000 video bodies with short prompts fits many times over; a body past this
+#: is refused (413) before it is read whole.
+MAX_BATCH_BODY_BYTES = 32 * 1024 * 1024
+
+_BATCH_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "requests": {
+                            "type": "array",
+                            "maxItems": batches.MAX_BATCH_REQUESTS,
+                            "items": {
+                                "type": "object",
+                                "required": ["prompt"],
+                                "properties": {
+                                    k: v for k, v in VIDEO_FIELDS.items() if k != "batch_id"
+                                },
+                            },
+                        },
+                        "metadata": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                            "maxProperties": batches.MAX_METADATA_ITEMS,
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+async def _batch_body(request: Request) -> Any:
+    """The JSON body (an empty one is ``{}``: a batch that videos join later)."""
+    raw = await read_limited(request, MAX_BATCH_BODY_BYTES)
+    return parse_json(raw, request) if raw.strip() else {}
+
 
 Context = Annotated[ApiContext, Depends(get_context)]
 
@@ -23,16 +68,24 @@ def _object(context: ApiContext, batch) -> BatchObject:
     return BatchObject.from_batch(batch, batches.counts(context, batch.id))
 
 
-@router.post("/batches", response_model=BatchObject)
+@router.post(
+    "/batches",
+    response_model=BatchObject,
+    openapi_extra=_BATCH_BODY,
+    responses=errors(400, 404, 409, 413),
+)
 def create_batch(
-    tenant: Tenant, context: Context, body: Annotated[Any, Body()] = None
+    tenant: Tenant, context: Context, body: Annotated[Any, Depends(_batch_body)]
 ) -> BatchObject:
     return _object(context, batches.create(context, tenant, {} if body is None else body))
 
 
-@router.get("/batches", response_model=BatchList)
+@router.get("/batches", response_model=BatchList, responses=errors(400))
 def list_batches(
-    tenant: Tenant, context: Context, after: str | None = None, limit: int = 20
+    tenant: Tenant,
+    context: Context,
+    after: str | None = None,
+    limit: Annotated[int, Query(json_schema_extra=LIMIT_RANGE)] = 20,
 ) -> BatchList:
     check_limit(limit)
     rows, has_more = batches.list_page(context, tenant, after, limit)
@@ -45,11 +98,11 @@ def list_batches(
     )
 
 
-@router.get("/batches/{batch_id}", response_model=BatchObject)
+@router.get("/batches/{batch_id}", response_model=BatchObject, responses=errors(404))
 def retrieve_batch(tenant: Tenant, context: Context, batch_id: str) -> BatchObject:
     return _object(context, batches.get(context, tenant, batch_id))
 
 
-@router.post("/batches/{batch_id}/cancel", response_model=BatchObject)
+@router.post("/batches/{batch_id}/cancel", response_model=BatchObject, responses=errors(404))
 def cancel_batch(tenant: Tenant, context: Context, batch_id: str) -> BatchObject:
     return _object(context, batches.cancel(context, tenant, batch_id))

@@ -1,29 +1,45 @@
-"""``/v1/videos``: the OpenAI Videos API (create, retrieve, list, content, delete) + cancel."""
+"""``/v1/videos``: the OpenAI Videos API (create, retrieve, list, content, delete) + cancel.
+
+The OpenAI operations this service does not offer (remix, edits, extensions, characters)
+answer 400 ``unsupported_operation`` in the OpenAI error shape, so an SDK call gets a clear
+``BadRequestError`` rather than a bare 404.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import threading
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal
 
 from botocore.exceptions import ClientError
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from scheduler.api import jobs
 from scheduler.api.auth import Tenant
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.errors import ApiError
-from scheduler.api.pagination import check_limit
+from scheduler.api.openapi import CREATE_VIDEO_BODY, errors
+from scheduler.api.pagination import LIMIT_RANGE, check_limit
 from scheduler.api.schemas import JOB_STATUSES, VideoDeleted, VideoList, VideoObject
 from scheduler.api.validation import read_create_body, validate_create
 from scheduler.db.models import Job, JobStatus
-from scheduler.storage import StorageUnavailable
+from scheduler.storage import StorageUnavailable, spritesheet_key, thumbnail_key
 
-router = APIRouter(prefix="/v1", tags=["videos"])
+router = APIRouter(prefix="/v1", tags=["videos"], responses=errors(401, 403, 429, 500, 503))
 
 Context = Annotated[ApiContext, Depends(get_context)]
 
 #: Tells the SDK's ``poll()`` how long to wait between retrievals (its default is 1 s).
 POLL_AFTER_MS = "200"
+
+#: variant -> (its key for a job, media type, file extension).
+VARIANTS: dict[str, tuple[Callable[[Job], str], str, str]] = {
+    "video": (lambda job: job.output_key or "", "video/mp4", "mp4"),
+    "thumbnail": (lambda job: thumbnail_key(job.id, job.attempt), "image/webp", "webp"),
+    "spritesheet": (lambda job: spritesheet_key(job.id, job.attempt), "image/jpeg", "jpg"),
+}
 
 
 def _video(context: ApiContext, job: Job, response: Response) -> VideoObject:
@@ -31,7 +47,12 @@ def _video(context: ApiContext, job: Job, response: Response) -> VideoObject:
     return VideoObject.from_job(job, context.store.bucket)
 
 
-@router.post("/videos", response_model=VideoObject)
+@router.post(
+    "/videos",
+    response_model=VideoObject,
+    openapi_extra=CREATE_VIDEO_BODY,
+    responses=errors(400, 404, 409, 413, 415),
+)
 def create_video(
     tenant: Tenant,
     context: Context,
@@ -46,19 +67,17 @@ def create_video(
     return _video(context, submitted.job, response)
 
 
-@router.get("/videos", response_model=VideoList)
+@router.get("/videos", response_model=VideoList, responses=errors(400))
 def list_videos(
     tenant: Tenant,
     context: Context,
     after: str | None = None,
-    limit: int = 20,
-    order: str = "desc",
+    limit: Annotated[int, Query(json_schema_extra=LIMIT_RANGE)] = 20,
+    order: Literal["asc", "desc"] = "desc",
     status: str | None = None,
     batch_id: str | None = None,
 ) -> VideoList:
     check_limit(limit)
-    if order not in ("asc", "desc"):
-        raise ApiError.invalid("order", f"order must be 'asc' or 'desc', got {order!r}")
     statuses = None
     if status:
         names = [name.strip() for name in status.split(",") if name.strip()]
@@ -86,23 +105,46 @@ def list_videos(
     )
 
 
-@router.get("/videos/{video_id}", response_model=VideoObject)
+@router.get("/videos/{video_id}", response_model=VideoObject, responses=errors(404))
 def retrieve_video(
     video_id: str, tenant: Tenant, context: Context, response: Response
 ) -> VideoObject:
     return _video(context, jobs.get(context, tenant, video_id), response)
 
 
-@router.get("/videos/{video_id}/content", response_model=None)
+class _Once:
+    """A release that may be called from several places (body end, background task) once."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+@router.get(
+    "/videos/{video_id}/content",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The video (mp4) or one of its previews",
+            "content": {"video/mp4": {}, "image/webp": {}, "image/jpeg": {}},
+        },
+        307: {"description": "Redirect to a presigned URL (with redirect=true)"},
+        **errors(400, 404, 409),
+    },
+)
 def download_video(
     video_id: str,
     tenant: Tenant,
     context: Context,
-    variant: str = "video",
+    variant: Literal["video", "thumbnail", "spritesheet"] = "video",
     redirect: bool = False,
 ) -> Response:
-    if variant != "video":
-        raise ApiError.invalid("variant", f"variant {variant!r} is not available; only 'video'")
     job = jobs.get(context, tenant, video_id)
     if job.status != JobStatus.SUCCEEDED or not job.output_key:
         state = VideoObject.from_job(job, context.store.bucket).status
@@ -112,44 +154,91 @@ def download_video(
             param="video_id",
             code="video_not_ready" if state in ("queued", "in_progress") else "video_failed",
         )
+    key_of, media_type, extension = VARIANTS[variant]
+    key = key_of(job)
     if redirect:
-        return RedirectResponse(context.store.presigned_get_url(job.output_key), 307)
-    chunks = context.store.stream(job.output_key)
-    # Read the first chunk here, so a missing object or a store that is down is an error
-    # answer rather than a response cut off after its headers.
+        return RedirectResponse(context.store.presigned_get_url(key), 307)
+    release = _Once(context.take_download_slot())
     try:
-        first = next(chunks, b"")
+        size, chunks = context.store.open(key)
     except StorageUnavailable as err:
+        release()
         cause = err.__cause__
         if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in (
             "NoSuchKey",
             "404",
         ):
+            what = "content" if variant == "video" else f"{variant}"
             raise ApiError.not_found(
-                f"The content of video '{video_id}' is no longer stored"
+                f"The {what} of video '{video_id}' is not stored (a video rendered before "
+                "previews existed has none)"
+                if variant != "video"
+                else f"The content of video '{video_id}' is no longer stored",
+                "variant" if variant != "video" else None,
             ) from err
         raise ApiError(
-            503, "storage is unavailable; retry later", code="storage_unavailable"
+            503,
+            "storage is unavailable; retry later",
+            code="storage_unavailable",
+            headers={"Retry-After": "5"},
         ) from err
 
-    def body():
-        yield first
-        yield from chunks
+    def body() -> Iterator[bytes]:
+        try:
+            yield from chunks
+        finally:
+            release()
 
-    headers = {"Content-Disposition": f'attachment; filename="{video_id}.mp4"'}
-    if job.output_bytes is not None:
-        headers["Content-Length"] = str(job.output_bytes)
-    return StreamingResponse(body(), media_type="video/mp4", headers=headers)
+    headers = {"Content-Disposition": f'attachment; filename="{video_id}.{extension}"'}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    return StreamingResponse(
+        body(), media_type=media_type, headers=headers, background=BackgroundTask(release)
+    )
 
 
-@router.delete("/videos/{video_id}", response_model=VideoDeleted)
+@router.delete("/videos/{video_id}", response_model=VideoDeleted, responses=errors(404))
 def delete_video(video_id: str, tenant: Tenant, context: Context) -> VideoDeleted:
     jobs.delete(context, tenant, video_id)
     return VideoDeleted(id=video_id)
 
 
-@router.post("/videos/{video_id}/cancel", response_model=VideoObject)
+@router.post("/videos/{video_id}/cancel", response_model=VideoObject, responses=errors(404))
 def cancel_video(
     video_id: str, tenant: Tenant, context: Context, response: Response
 ) -> VideoObject:
     return _video(context, jobs.cancel(context, tenant, video_id), response)
+
+
+def _unsupported(operation: str) -> ApiError:
+    return ApiError(
+        400,
+        f"{operation} is not supported by this service: it renders new videos from a prompt "
+        "(and an image), POST /v1/videos",
+        code="unsupported_operation",
+    )
+
+
+@router.post("/videos/{video_id}/remix", responses=errors(400), response_model=None)
+def remix_video(video_id: str, _tenant: Tenant) -> None:
+    raise _unsupported("Remixing a video")
+
+
+@router.post("/videos/edits", responses=errors(400), response_model=None)
+def edit_video(_tenant: Tenant) -> None:
+    raise _unsupported("Editing a video")
+
+
+@router.post("/videos/extensions", responses=errors(400), response_model=None)
+def extend_video(_tenant: Tenant) -> None:
+    raise _unsupported("Extending a video")
+
+
+@router.post("/videos/characters", responses=errors(400), response_model=None)
+def create_character(_tenant: Tenant) -> None:
+    raise _unsupported("Creating a character")
+
+
+@router.get("/videos/characters/{character_id}", responses=errors(400), response_model=None)
+def get_character(character_id: str, _tenant: Tenant) -> None:
+    raise _unsupported("Reading a character")
