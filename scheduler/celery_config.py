@@ -24,6 +24,8 @@ def make_celery(settings: Settings, name: str = "fvb") -> Celery:
         # it dies: a job is never silently dropped by a crash.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A task that raised (a render that failed for good) is acknowledged, not redelivered.
+        task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
@@ -42,5 +44,10 @@ def make_celery(settings: Settings, name: str = "fvb") -> Celery:
         task_ignore_result=True,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Task events (received, started, succeeded, failed with the error code; sent by the
+        # dispatcher) for Flower and `celery events`: small messages on the broker's celeryev
+        # fanout, dropped when nobody listens.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app

@@ -22,6 +22,8 @@ from fastapi import Request
 from scheduler.api.errors import ApiError
 
 MAX_JSON_DEPTH = 64
+#: Error params name the path this deep (``requests[3].metadata.shot``), then stop.
+_NAMED_DEPTH = 4
 
 
 def too_large(limit: int, size: int | None = None) -> ApiError:
@@ -100,11 +102,11 @@ def check_document(document: Any, root: str = "") -> None:
         elif isinstance(value, dict):
             for key, item in value.items():
                 check_text(where or "body", key, what=f"a key of {where or 'the body'}")
-                child = _join(where, key) if depth < 2 else where
+                child = _join(where, key) if depth < _NAMED_DEPTH else where
                 stack.append((item, child, depth + 1))
         elif isinstance(value, list):
             for index, item in enumerate(value):
-                child = f"{where}[{index}]" if depth < 2 else where
+                child = f"{where}[{index}]" if depth < _NAMED_DEPTH else where
                 stack.append((item, child, depth + 1))
 
 

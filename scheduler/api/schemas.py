@@ -165,6 +165,8 @@ class ModelObject(BaseModel):
     max_frames: int
     max_steps: int
     max_pixels: int
+    #: The largest width or height the model's rotary table reaches.
+    max_side: int
     spatial_multiple: int
     temporal_factor: int
 
@@ -180,9 +182,10 @@ class ModelObject(BaseModel):
             image_to_video=model.image_to_video,
             default_size=model.default_size,
             default_fps=model.default_fps,
-            max_frames=model.max_frames,
+            max_frames=model.longest,
             max_steps=model.max_steps,
             max_pixels=model.max_pixels,
+            max_side=model.max_side,
             spatial_multiple=model.spatial_multiple,
             temporal_factor=model.temporal_factor,
         )

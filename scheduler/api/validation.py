@@ -318,17 +318,18 @@ def _frames(fields: dict[str, Any], model: ServedModel, fps: int) -> tuple[int, 
     longest = model.longest
     if _given(fields, "num_frames"):
         frames = _as_int("num_frames", fields["num_frames"], 1)
+        if frames > longest:
+            raise ApiError.invalid(
+                "num_frames",
+                f"num_frames {_shown(frames)} is above the maximum of {longest} for model "
+                f"'{model.name}'",
+            )
         if not model.frames_fit(frames):
             below = factor * ((frames - 1) // factor) + 1
             raise ApiError.invalid(
                 "num_frames",
                 f"num_frames must be {factor}*k+1 for model '{model.name}' "
                 f"(e.g. {below} or {below + factor}), got {frames}",
-            )
-        if frames > longest:
-            raise ApiError.invalid(
-                "num_frames",
-                f"num_frames {frames} is above the maximum of {longest} for model '{model.name}'",
             )
         return frames, _format_seconds((frames - 1) / fps)
     if _given(fields, "seconds"):

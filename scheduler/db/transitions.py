@@ -207,6 +207,42 @@ def finish_cancelled(session: Session, job_id: str, attempt: int) -> bool:
     )
 
 
+def attempt_status(session: Session, job_id: str, attempt: int) -> str | None:
+    """The job's status while ``attempt`` is still its latest attempt, else None.
+
+    A worker whose guarded UPDATE matched no row after a retried commit asks this: the
+    earlier try may have committed (only the reply was lost), in which case the row shows
+    the attempt's own outcome (``succeeded`` can only have been written by that attempt)."""
+    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+    if row is None or row.attempt != attempt:
+        return None
+    return row.status
+
+
+def cancel_if_requested(session: Session, job_id: str) -> bool:
+    """queued -> cancelled for a job whose cancel was asked for while it ran and that went
+    back to the queue (``retry_later``) before its worker saw the request: ``claim`` would
+    never take it and the reaper never dispatch it. False if there is nothing to cancel."""
+    row = session.execute(
+        select(Job.status, Job.attempt, Job.cancel_requested).where(Job.id == job_id)
+    ).one_or_none()
+    if row is None or row.status != QUEUED or not row.cancel_requested:
+        return False
+    return _transition(
+        session,
+        job_id,
+        and_(Job.status == QUEUED, Job.attempt == row.attempt),
+        QUEUED,
+        dict(
+            status=CANCELLED,
+            error_code="cancelled",
+            error_message="cancelled by request",
+            finished_at=utcnow(),
+        ),
+        row.attempt,
+    )
+
+
 def request_cancel(session: Session, job_id: str) -> str | None:
     """Cancel a queued job now, or flag a running one for its worker to stop.
 

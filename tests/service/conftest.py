@@ -18,6 +18,18 @@ from scheduler.localstack import (
     start_valkey,
 )
 
+from .api_fixtures import (  # noqa: F401 (fixtures of the API tests, per module)
+    acme,
+    broker,
+    client,
+    globex,
+    keys,
+    models_toml,
+    s3,
+    server_url,
+    settings,
+)
+
 S3_ACCESS_KEY = "localstack-test"
 S3_SECRET_KEY = "localstack-test-secret"
 

@@ -4,7 +4,6 @@ cancel stops every unfinished one and closes it to new videos."""
 
 # test_api's module fixtures are imported by name for pytest to inject; the test functions'
 # parameters of the same names are those fixtures, not redefinitions.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -17,22 +16,7 @@ from scheduler.db import transitions
 from scheduler.db.models import Batch, Job
 from scheduler.db.session import session_scope
 
-from .test_api import (  # noqa: F401 (fixtures)
-    T2V,
-    T2V_POOL,
-    acme,
-    assert_error,
-    broker,
-    client,
-    data_url,
-    globex,
-    keys,
-    models_toml,
-    png_bytes,
-    queued_job_ids,
-    settings,
-    submit,
-)
+from .api_fixtures import T2V, T2V_POOL, assert_error, data_url, png_bytes, queued_job_ids, submit
 
 I2V = "tiny-i2v"
 

@@ -4,7 +4,6 @@ Valkey, SeaweedFS); rejected lines are named, a re-run resumes without duplicate
 
 # test_api's module fixtures are imported by name for pytest to inject; the test functions'
 # parameters of the same names are those fixtures, not redefinitions.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -21,16 +20,7 @@ from scheduler.cli import main
 from scheduler.db.models import Job
 from scheduler.db.session import session_scope
 
-from .test_api import (  # noqa: F401 (fixtures)
-    T2V,
-    broker,
-    keys,
-    models_toml,
-    run_to_success,
-    s3,
-    server_url,
-    settings,
-)
+from .api_fixtures import T2V, run_to_success
 
 
 @pytest.fixture(scope="module")

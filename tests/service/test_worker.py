@@ -1,5 +1,6 @@
 """The GPU worker end to end: real Celery worker processes (``python -m worker.main --device
 cpu``), real Valkey, S3 (SeaweedFS) and databases, tiny random-weight Wan models.
+Outages of the store and the database are in ``test_worker_outages.py``.
 
 Jobs are inserted with ``transitions.create_job`` and sent with ``scheduler.dispatch``, as the
 API does. Two workers serve the SQLite tests; one more, on its own pool, serves the Postgres
@@ -20,18 +21,23 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 import psutil
 import pytest
+import redis
 import torch
+from PIL import Image
 from sqlalchemy import create_engine, select, text
 
 from fastvideo.pipelines.pipeline_batch_info import StepProgress
 from fastvideo.testing.tiny_wan import TinyWanConfig, save_tiny_wan
+from scheduler.celery_config import RENDER_TASK, make_celery, queue_for_pool
 from scheduler.db import transitions
 from scheduler.db.migrate import upgrade
 from scheduler.db.models import Job, JobEvent
@@ -39,7 +45,13 @@ from scheduler.db.session import session_scope
 from scheduler.dispatch import dispatch
 from scheduler.models_config import ServedModel
 from scheduler.settings import Settings
-from scheduler.storage import VideoStore, sidecar_key, video_key
+from scheduler.storage import (
+    VideoStore,
+    sidecar_key,
+    spritesheet_key,
+    thumbnail_key,
+    video_key,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)
@@ -270,11 +282,84 @@ def stack(
     )
 
 
+def decode_frames(data: bytes) -> list[np.ndarray]:
+    """The frames of an mp4, decoded with PyAV, as (H, W, 3) uint8 arrays."""
+    with av.open(io.BytesIO(data)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
 def decode(data: bytes) -> tuple[int, int, int]:
     """(frames, width, height) of an mp4, decoded with PyAV."""
-    with av.open(io.BytesIO(data)) as container:
-        frames = [frame for frame in container.decode(video=0)]
-    return len(frames), frames[0].width, frames[0].height
+    frames = decode_frames(data)
+    return len(frames), frames[0].shape[1], frames[0].shape[0]
+
+
+def attempt_objects(job_id: str, attempt: int) -> set[str]:
+    """The objects one attempt leaves: the video, its two previews and the sidecar."""
+    return {
+        video_key(job_id, attempt),
+        thumbnail_key(job_id, attempt),
+        spritesheet_key(job_id, attempt),
+        sidecar_key(job_id, attempt),
+    }
+
+
+def image(data: bytes, fmt: str) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == fmt
+        return np.asarray(img.convert("RGB"))
+
+
+def similar(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two lossy copies of one picture: same shape, mean absolute difference small."""
+    return a.shape == b.shape and float(np.abs(a.astype(float) - b.astype(float)).mean()) < 12
+
+
+def assert_previews(stack: Stack, job_id: str, attempt: int, video: bytes) -> None:
+    """The thumbnail is the first frame as WebP; the spritesheet a JPEG grid of evenly spaced
+    frames, small tiles; the sidecar describes both (key, bytes, sha256, layout)."""
+    frames = decode_frames(video)
+    height, width = frames[0].shape[:2]
+    sidecar = json.loads(stack.get(sidecar_key(job_id, attempt)))
+    for name, key, content_type in (
+        ("thumbnail", thumbnail_key(job_id, attempt), "image/webp"),
+        ("spritesheet", spritesheet_key(job_id, attempt), "image/jpeg"),
+    ):
+        data = stack.get(key)
+        entry = sidecar[name]
+        assert (entry["key"], entry["bytes"], entry["content_type"]) == (
+            key,
+            len(data),
+            content_type,
+        )
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        head = stack.client.head_object(Bucket=stack.settings.s3_bucket, Key=key)
+        assert head["ContentType"] == content_type
+
+    thumbnail = image(stack.get(thumbnail_key(job_id, attempt)), "WEBP")
+    scale = min(1.0, 640 / max(width, height))
+    assert thumbnail.shape == (round(height * scale), round(width * scale), 3)
+    assert (sidecar["thumbnail"]["width"], sidecar["thumbnail"]["height"]) == thumbnail.shape[1::-1]
+    if scale == 1.0:
+        assert similar(thumbnail, frames[0])
+
+    sheet = sidecar["spritesheet"]
+    grid = image(stack.get(spritesheet_key(job_id, attempt)), "JPEG")
+    count = min(10, len(frames))
+    assert len(sheet["frames"]) == count
+    assert sheet["frames"][0] == 0 and sheet["frames"][-1] == len(frames) - 1
+    gaps = np.diff(sheet["frames"])
+    assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1, "evenly spaced"
+    assert sheet["columns"] <= 5 and sheet["rows"] == -(-count // sheet["columns"])
+    tile_w, tile_h = sheet["tile_width"], sheet["tile_height"]
+    assert max(tile_w, tile_h) <= 160 and abs(tile_w / tile_h - width / height) < 0.05
+    assert grid.shape == (sheet["rows"] * tile_h, sheet["columns"] * tile_w, 3)
+    assert (sheet["width"], sheet["height"]) == grid.shape[1::-1]
+    if (tile_w, tile_h) == (width, height):  # unscaled tiles are the frames themselves
+        for n, index in enumerate(sheet["frames"]):
+            row, column = divmod(n, sheet["columns"])
+            tile = grid[row * tile_h : (row + 1) * tile_h, column * tile_w : (column + 1) * tile_w]
+            assert similar(tile, frames[index]), n
 
 
 def assert_rendered(stack: Stack, job_id: str, attempt: int, params: dict[str, Any]) -> None:
@@ -282,7 +367,7 @@ def assert_rendered(stack: Stack, job_id: str, attempt: int, params: dict[str, A
     assert (row.status, row.progress, row.attempt) == ("succeeded", 100, attempt)
     assert row.error_code is None
     assert row.output_key == video_key(job_id, attempt)
-    assert stack.keys(job_id) == {video_key(job_id, attempt), sidecar_key(job_id, attempt)}
+    assert stack.keys(job_id) == attempt_objects(job_id, attempt)
     data = stack.get(row.output_key)
     assert hashlib.sha256(data).hexdigest() == row.output_sha256
     assert len(data) == row.output_bytes
@@ -292,8 +377,11 @@ def assert_rendered(stack: Stack, job_id: str, attempt: int, params: dict[str, A
     assert sidecar["seed"] == params["seed"]
     assert sidecar["worker_id"] == row.worker_id
     assert sidecar["video"]["sha256"] == row.output_sha256
-    assert {"generate", "denoising_stage", "mp4_encode", "upload"} <= set(sidecar["timings"])
+    assert {"generate", "denoising_stage", "mp4_encode", "previews", "upload"} <= set(
+        sidecar["timings"]
+    )
     assert set(row.stage_timings) >= {"generate", "mp4_encode", "upload"}
+    assert_previews(stack, job_id, attempt, data)
 
 
 def stop_store(stack: Stack) -> None:
@@ -328,6 +416,30 @@ def test_one_job_renders_uploads_and_records_its_checksum(stack):
     assert "libtorch" not in Path(f"/proc/{worker.pid}/maps").read_text()
 
 
+def test_previews_of_a_longer_video_sample_ten_evenly_spaced_frames_in_small_tiles(stack):
+    params = dict(width=320, height=176, num_frames=17, num_inference_steps=2, seed=11)
+    job_id = stack.submit("tiny", prompt="a kite over a beach", **params)
+    stack.wait_status(job_id, "succeeded", "failed", "cancelled", timeout=90)
+    assert_rendered(stack, job_id, 1, params)  # previews included
+    sidecar = json.loads(stack.get(sidecar_key(job_id, 1)))
+    sheet = sidecar["spritesheet"]
+    assert sheet["frames"] == [0, 1, 3, 5, 7, 8, 10, 12, 14, 16]
+    assert (sheet["columns"], sheet["rows"]) == (5, 2)
+    assert (sheet["tile_width"], sheet["tile_height"]) == (160, 88)  # scaled down by half
+    assert (sidecar["thumbnail"]["width"], sidecar["thumbnail"]["height"]) == (320, 176)
+    frames = decode_frames(stack.get(video_key(job_id, 1)))
+    thumbnail = image(stack.get(thumbnail_key(job_id, 1)), "WEBP")
+    assert similar(thumbnail, frames[0])
+    # Each tile is its frame, scaled down.
+    grid = image(stack.get(spritesheet_key(job_id, 1)), "JPEG")
+    for n, index in enumerate(sheet["frames"]):
+        row, column = divmod(n, 5)
+        tile = grid[row * 88 : (row + 1) * 88, column * 160 : (column + 1) * 160]
+        small = np.asarray(Image.fromarray(frames[index]).resize((160, 88), Image.BILINEAR))
+        assert similar(tile, small), n
+    assert len(stack.get(spritesheet_key(job_id, 1))) < 200_000
+
+
 def test_twenty_jobs_on_two_workers_each_succeed_once_with_pipelines_loaded_once(stack):
     ids = [stack.submit("tiny", prompt=f"a cat, take {i}", seed=i) for i in range(20)]
     wait_for(
@@ -336,7 +448,7 @@ def test_twenty_jobs_on_two_workers_each_succeed_once_with_pipelines_loaded_once
     for job_id in ids:
         row = stack.row(job_id)
         assert (row.status, row.attempt, row.progress) == ("succeeded", 1, 100), row.error_message
-        assert stack.keys(job_id) == {video_key(job_id, 1), sidecar_key(job_id, 1)}
+        assert stack.keys(job_id) == attempt_objects(job_id, 1)
         assert stack.events(job_id) == [
             (None, "queued", 0),
             ("queued", "running", 1),
@@ -440,6 +552,100 @@ def test_permanent_errors_fail_the_job_with_a_clear_code(stack):
         assert [e[1] for e in stack.events(job_id)] == ["queued", "running", "failed"]
 
 
+@contextmanager
+def task_events(settings: Settings) -> Iterator[list[dict[str, Any]]]:
+    """Every Celery event on the broker while the block runs, as Flower sees them: a real
+    ``celery_app.events.Receiver`` on its own connection, consuming before the block starts."""
+    app = make_celery(settings, name="fvb-events-test")
+    events: list[dict[str, Any]] = []
+    consuming = threading.Event()
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": events.append})
+        receiver.on_consume_ready = lambda *args, **kwargs: consuming.set()
+        thread = threading.Thread(
+            target=receiver.capture, kwargs={"wakeup": False}, name="events", daemon=True
+        )
+        thread.start()
+        try:
+            assert consuming.wait(30), "the event receiver did not start consuming"
+            yield events
+        finally:
+            receiver.should_stop = True
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+
+
+def task_of(events: list[dict[str, Any]], job_id: str) -> list[dict[str, Any]]:
+    """The events of the render task(s) whose arguments name ``job_id``, in arrival order."""
+    ids = {e["uuid"] for e in list(events) if e.get("args") and job_id in str(e["args"])}
+    return [e for e in list(events) if e.get("uuid") in ids]
+
+
+def test_task_events_show_a_failed_render_as_a_failure_with_its_error_code(stack):
+    """Flower's view: the render task of a job that fails for good ends as task-failed, the
+    exception naming the code; a rendered job's task succeeds. The failed task's message is
+    acknowledged (not left for redelivery)."""
+    with task_events(stack.settings) as events:
+        failed = stack.submit("not-served", prompt="a model nobody serves")
+        done = stack.submit("tiny", prompt="a cat on a skateboard")
+
+        def finished(job_id: str, kind: str) -> bool:
+            return any(e["type"] == kind for e in task_of(events, job_id))
+
+        wait_for(
+            lambda: finished(failed, "task-failed") and finished(done, "task-succeeded"),
+            60,
+            "task-failed and task-succeeded events",
+        )
+    failure = task_of(events, failed)
+    kinds = [e["type"] for e in failure]
+    # task-sent comes from the dispatcher, the rest from the worker, in this order.
+    assert sorted(kinds) == ["task-failed", "task-received", "task-sent", "task-started"]
+    worker_kinds = [kind for kind in kinds if kind != "task-sent"]
+    assert worker_kinds == ["task-received", "task-started", "task-failed"], kinds
+    assert len({e["uuid"] for e in failure}) == 1
+    (event,) = [e for e in failure if e["type"] == "task-failed"]
+    assert event["exception"].startswith("RenderFailed('model_load_failed', ")
+    assert "not-served" in event["exception"]
+    row = stack.row(failed)
+    assert (row.status, row.error_code) == ("failed", "model_load_failed")
+
+    success = task_of(events, done)
+    assert [e["type"] for e in success if e["type"].startswith("task-")][-1] == "task-succeeded"
+    (event,) = [e for e in success if e["type"] == "task-succeeded"]
+    assert event["result"] == "'rendered'"
+    stack.wait_status(done, "succeeded", "failed", timeout=30)
+    assert_rendered(stack, done, 1, {**TINY, "seed": 1234})
+
+    # Acknowledged on failure: the message is neither unacknowledged nor back in the queue.
+    broker = redis.Redis.from_url(stack.settings.broker_url)
+    task_id = failure[0]["uuid"]
+    wait_for(lambda: not any(task_id in v.decode() for v in broker.hvals("unacked")), 30, "the ack")
+    queue = queue_for_pool(stack.settings.worker_pool)
+    for key in broker.scan_iter(match=f"{queue}*"):
+        if broker.type(key) == b"list":
+            assert not any(task_id in m.decode() for m in broker.lrange(key, 0, -1))
+    # Celery logs the expected failure on one line, without a traceback.
+    line = next(
+        line for line in stack.worker_logs().splitlines() if task_id in line and "raised" in line
+    )
+    assert "raised expected: RenderFailed('model_load_failed'" in line, line
+
+
+def test_render_task_declares_its_failure_and_acknowledges_it():
+    from worker.celery_app import create_app
+    from worker.tasks import RenderFailed
+
+    task = create_app(Settings(broker_url="redis://127.0.0.1:1/0")).tasks[RENDER_TASK]
+    assert task.throws == (RenderFailed,)
+    assert (task.acks_late, task.acks_on_failure_or_timeout, task.reject_on_worker_lost) == (
+        True,
+        True,
+        True,
+    )
+    assert task.app.conf.worker_send_task_events and task.app.conf.task_send_sent_event
+
+
 @pytest.mark.parametrize(
     ("error", "code", "message"),
     [
@@ -450,8 +656,10 @@ def test_permanent_errors_fail_the_job_with_a_clear_code(stack):
 )
 def test_engine_errors_map_to_error_codes(stack, error, code, message):
     """In-process runner (no dispatch, so no worker takes the job) with an engine that raises:
-    the errors a CPU test cannot provoke for real, such as CUDA running out of memory."""
+    the errors a CPU test cannot provoke for real, such as CUDA running out of memory. The
+    runner raises RenderFailed with the code (the Celery task ends as a FAILURE)."""
     from worker.runner import JobRunner
+    from worker.tasks import RenderFailed
 
     class Engine:
         def generate_video(self, prompt, **kwargs):
@@ -464,7 +672,9 @@ def test_engine_errors_map_to_error_codes(stack, error, code, message):
         ).id
     runner = JobRunner(stack.settings, worker_id="test:0:cpu")
     runner.pipelines.get = lambda model: Engine()
-    assert runner.run(job_id) == f"failed:{code}"
+    with pytest.raises(RenderFailed) as failure:
+        runner.run(job_id)
+    assert (failure.value.code, str(failure.value)) == (code, f"{code}: {failure.value.message}")
     row = stack.row(job_id)
     assert (row.status, row.error_code, row.progress) == ("failed", code, 47)
     assert message in row.error_message
@@ -540,20 +750,6 @@ def test_killed_child_is_requeued_and_finishes_as_attempt_two(stack):
     assert stack.events(job_id) == events
 
 
-def test_store_down_beyond_the_retry_budget_fails_with_storage_unavailable(stack):
-    stop_store(stack)
-    try:
-        job_id = stack.submit("tiny", prompt="a cat in the rain")
-        row = stack.wait_status(job_id, "succeeded", "failed", timeout=60)
-    finally:
-        stack.s3.start()
-    assert (row.status, row.error_code) == ("failed", "storage_unavailable")
-    assert "storage" in row.error_message and "5 tries" in row.error_message
-    assert row.output_key is None
-    assert stack.keys(job_id) == set()
-    assert [e[1] for e in stack.events(job_id)] == ["queued", "running", "failed"]
-
-
 def test_store_down_briefly_during_a_job_is_retried_and_succeeds(stack):
     job_id = stack.submit("slow", prompt="a red panda eating bamboo", num_inference_steps=30)
     stack.wait_progress(job_id, 50)
@@ -582,7 +778,7 @@ def test_warm_shutdown_waits_for_an_in_flight_upload(stack):
         job_id = stack.submit("tiny", prompt="a dog baking a cake")
         wait_for(
             lambda: (
-                f"job {job_id} upload of {video_key(job_id, 1)} failed on try 1/"
+                f"job {job_id} upload of {video_key(job_id, 1)} failed on try 1,"
                 in stack.worker_logs()
             ),
             30,

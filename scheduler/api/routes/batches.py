@@ -32,18 +32,19 @@ _BATCH_BODY = {
                     "additionalProperties": False,
                     "properties": {
                         "requests": {
-                            "type": "array",
+                            "type": ["array", "null"],
                             "maxItems": batches.MAX_BATCH_REQUESTS,
                             "items": {
                                 "type": "object",
                                 "required": ["prompt"],
+                                "additionalProperties": False,
                                 "properties": {
                                     k: v for k, v in VIDEO_FIELDS.items() if k != "batch_id"
                                 },
                             },
                         },
                         "metadata": {
-                            "type": "object",
+                            "type": ["object", "null"],
                             "additionalProperties": {"type": "string"},
                             "maxProperties": batches.MAX_METADATA_ITEMS,
                         },
@@ -77,7 +78,7 @@ def _object(context: ApiContext, batch) -> BatchObject:
 def create_batch(
     tenant: Tenant, context: Context, body: Annotated[Any, Depends(_batch_body)]
 ) -> BatchObject:
-    return _object(context, batches.create(context, tenant, {} if body is None else body))
+    return _object(context, batches.create(context, tenant, body))
 
 
 @router.get("/batches", response_model=BatchList, responses=errors(400))
@@ -88,7 +89,7 @@ def list_batches(
     limit: Annotated[int, Query(json_schema_extra=LIMIT_RANGE)] = 20,
 ) -> BatchList:
     check_limit(limit)
-    rows, has_more = batches.list_page(context, tenant, after, limit)
+    rows, has_more = batches.list_page(context, tenant, after or None, limit)
     data = [_object(context, batch) for batch in rows]
     return BatchList(
         data=data,

@@ -17,15 +17,16 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import HTMLResponse
 
 from scheduler.api import dashboard_data
 from scheduler.api.auth import Tenant
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.dashboard_data import DashboardData
+from scheduler.api.openapi import errors
 
-router = APIRouter(tags=["dashboard"])
+router = APIRouter(tags=["dashboard"], responses=errors(401, 403, 429, 500, 503))
 
 Context = Annotated[ApiContext, Depends(get_context)]
 
@@ -67,9 +68,14 @@ def dashboard_page() -> HTMLResponse:
     return HTMLResponse(PAGE, headers=PAGE_HEADERS)
 
 
-@router.get("/dashboard/data", response_model=DashboardData)
+@router.get("/dashboard/data", response_model=DashboardData, responses=errors(400))
 def dashboard_json(
-    tenant: Tenant, context: Context, response: Response, status: str | None = None
+    tenant: Tenant,
+    context: Context,
+    response: Response,
+    status: Annotated[
+        str | None, Query(json_schema_extra={"enum": ["", *sorted(dashboard_data.STATUS_FILTERS)]})
+    ] = None,
 ) -> DashboardData:
     status_filter = dashboard_data.parse_status_filter(status)
     response.headers["Cache-Control"] = "no-store"

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from scheduler.api.auth import Operator, optional_principal
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.errors import error_body
+from scheduler.api.openapi import errors
 from scheduler.api.readiness import run_checks
 from scheduler.api.schemas import Health
 
@@ -52,7 +53,10 @@ def readyz(request: Request, context: Context) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"},
+        **errors(401, 403, 429, 503),
+    },
 )
 def metrics(request: Request, _operator: Operator) -> Response:
     registry = request.app.state.metrics.registry

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends
 from scheduler.api.auth import Tenant
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.errors import ApiError
+from scheduler.api.openapi import errors
 from scheduler.api.schemas import ModelList, ModelObject
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], responses=errors(401, 403, 429, 500, 503))
 
 Context = Annotated[ApiContext, Depends(get_context)]
 
@@ -26,7 +27,7 @@ def list_models(_tenant: Tenant, context: Context) -> ModelList:
     )
 
 
-@router.get("/models/{model_id}", response_model=ModelObject)
+@router.get("/models/{model_id}", response_model=ModelObject, responses=errors(404))
 def retrieve_model(model_id: str, _tenant: Tenant, context: Context) -> ModelObject:
     model = context.models.get(model_id)
     if model is None:

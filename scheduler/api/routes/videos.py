@@ -2,7 +2,10 @@
 
 The OpenAI operations this service does not offer (remix, edits, extensions, characters)
 answer 400 ``unsupported_operation`` in the OpenAI error shape, so an SDK call gets a clear
-``BadRequestError`` rather than a bare 404.
+``BadRequestError`` rather than a bare 404. They are left out of the OpenAPI schema: they
+are not part of this API, only a clear answer for clients that try them.
+
+Empty query parameters (``?after=&batch_id=``) mean "not given", as most clients send them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from scheduler.storage import StorageUnavailable, spritesheet_key, thumbnail_key
 router = APIRouter(prefix="/v1", tags=["videos"], responses=errors(401, 403, 429, 500, 503))
 
 Context = Annotated[ApiContext, Depends(get_context)]
+
+#: ``status``: one API status or several, comma-separated.
+STATUS_LIST = {"pattern": rf"^(|({'|'.join(JOB_STATUSES)})(,({'|'.join(JOB_STATUSES)}))*)$"}
 
 #: Tells the SDK's ``poll()`` how long to wait between retrievals (its default is 1 s).
 POLL_AFTER_MS = "200"
@@ -74,10 +80,11 @@ def list_videos(
     after: str | None = None,
     limit: Annotated[int, Query(json_schema_extra=LIMIT_RANGE)] = 20,
     order: Literal["asc", "desc"] = "desc",
-    status: str | None = None,
+    status: Annotated[str | None, Query(json_schema_extra=STATUS_LIST)] = None,
     batch_id: str | None = None,
 ) -> VideoList:
     check_limit(limit)
+    after, batch_id = after or None, batch_id or None
     statuses = None
     if status:
         names = [name.strip() for name in status.split(",") if name.strip()]
@@ -219,26 +226,26 @@ def _unsupported(operation: str) -> ApiError:
     )
 
 
-@router.post("/videos/{video_id}/remix", responses=errors(400), response_model=None)
+@router.post("/videos/{video_id}/remix", include_in_schema=False)
 def remix_video(video_id: str, _tenant: Tenant) -> None:
     raise _unsupported("Remixing a video")
 
 
-@router.post("/videos/edits", responses=errors(400), response_model=None)
+@router.post("/videos/edits", include_in_schema=False)
 def edit_video(_tenant: Tenant) -> None:
     raise _unsupported("Editing a video")
 
 
-@router.post("/videos/extensions", responses=errors(400), response_model=None)
+@router.post("/videos/extensions", include_in_schema=False)
 def extend_video(_tenant: Tenant) -> None:
     raise _unsupported("Extending a video")
 
 
-@router.post("/videos/characters", responses=errors(400), response_model=None)
+@router.post("/videos/characters", include_in_schema=False)
 def create_character(_tenant: Tenant) -> None:
     raise _unsupported("Creating a character")
 
 
-@router.get("/videos/characters/{character_id}", responses=errors(400), response_model=None)
+@router.get("/videos/characters/{character_id}", include_in_schema=False)
 def get_character(character_id: str, _tenant: Tenant) -> None:
     raise _unsupported("Reading a character")
