@@ -30,6 +30,7 @@ from scheduler.db.models import Job
 from scheduler.db.session import session_scope
 from scheduler.localstack import start_postgres
 from scheduler.localstack.ports import free_port
+from scheduler.localstack.process import die_with_parent
 from scheduler.storage import spritesheet_key, thumbnail_key
 
 from .api_fixtures import T2V, assert_error, run_to_success, submit
@@ -479,7 +480,7 @@ def test_openapi_describes_the_create_body_and_the_errors(client):
     assert "/v1/videos/{video_id}/remix" not in schema["paths"]
 
 
-def test_the_api_conforms_to_its_openapi_schema(settings, keys):
+def test_the_api_conforms_to_its_openapi_schema(settings, keys, tmp_path):
     """schemathesis against a real server: statuses, content types, response bodies and
     headers as documented, bad input refused, no 5xx. Left out: 'schema-valid requests are
     accepted' (a size must also suit the model, a cursor must name a row: rules JSON Schema
@@ -501,6 +502,8 @@ def test_the_api_conforms_to_its_openapi_schema(settings, keys):
             capture_output=True,
             text=True,
             timeout=170,
+            cwd=tmp_path,  # its .schemathesis/ state stays out of the repository
+            preexec_fn=die_with_parent(),
         )  # fmt: skip
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert re.search(r"\d+ generated, \d+ passed", run.stdout), run.stdout[-3000:]

@@ -37,6 +37,7 @@ import pytest
 import yaml
 
 from scheduler.cli import _build_parser
+from scheduler.localstack.process import die_with_parent
 from scheduler.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -370,6 +371,7 @@ def test_worker_health_check_answers_while_its_worker_runs(valkey_server, tmp_pa
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # a killed test run must not leave it behind
         )
     try:
         deadline = time.monotonic() + 60

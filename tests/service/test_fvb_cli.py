@@ -23,6 +23,8 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, inspect
 
+from scheduler.localstack.process import die_with_parent
+
 FVB = [sys.executable, "-m", "scheduler.cli"]
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
@@ -36,6 +38,7 @@ def fvb(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: f
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=die_with_parent(),
     )
 
 
@@ -144,6 +147,7 @@ def test_scheduler_logs_its_info_lines(tmp_path, tiny_t2v):
         },
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=die_with_parent(),
     )
     try:
         line = process.stderr.readline()
@@ -173,16 +177,21 @@ class Up:
         return psutil.Process(self.process.pid).children(recursive=True)
 
 
-def _ignore_sigint() -> None:
+def _background_shell_child() -> None:
     # What a shell does to a command it starts in the background (`cmd &`), and nohup's
     # neighbour: the child inherits SIGINT as ignored, across exec.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _dies_with_this_test()
+
+
+_dies_with_this_test = die_with_parent()
 
 
 @contextlib.contextmanager
 def fvb_up(cwd: Path, *args: str, env: dict | None = None, **popen) -> Iterator[Up]:
     """``fvb up`` in ``cwd`` until its banner is out; whatever it started is killed at the
     end, however the test went."""
+    popen.setdefault("preexec_fn", die_with_parent())  # a killed test takes fvb up along
     process = subprocess.Popen(
         [*FVB, "up", "--device", "cpu", *args],
         cwd=cwd,
@@ -233,7 +242,9 @@ def test_readme_commands_work_right_after_fvb_up_and_ctrl_c_stops_it_from_a_back
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with fvb_up(tmp_path, env={"FVB_API_PORT": str(port)}, preexec_fn=_ignore_sigint) as up:
+        with fvb_up(
+            tmp_path, env={"FVB_API_PORT": str(port)}, preexec_fn=_background_shell_child
+        ) as up:
             assert f"note: port {port} is in use" in up.output
             api, key = up.line("API"), up.line("dev key")
             assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", api) and f":{port}/" not in api
