@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -507,3 +508,59 @@ def test_the_api_conforms_to_its_openapi_schema(settings, keys, tmp_path):
         )  # fmt: skip
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert re.search(r"\d+ generated, \d+ passed", run.stdout), run.stdout[-3000:]
+
+
+def _non_loopback_address() -> str | None:
+    import ipaddress
+
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if (
+                address.family == socket.AF_INET
+                and not ipaddress.ip_address(address.address).is_loopback
+            ):
+                return address.address
+    return None
+
+
+def test_uvicorn_on_all_interfaces_without_auth_serves_only_loopback(settings, tmp_path):
+    """The command scheduler/api/README.md shows, with auth off and --host 0.0.0.0."""
+    outside = _non_loopback_address()
+    if outside is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FVB_")},
+        "FVB_AUTH_ENABLED": "false",
+        "FVB_DATABASE_URL": settings.database_url,
+        "FVB_MODELS_CONFIG": str(settings.models_config),
+        "FVB_BROKER_URL": settings.broker_url,
+        "FVB_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "FVB_S3_ACCESS_KEY": settings.s3_access_key,
+        "FVB_S3_SECRET_KEY": settings.s3_secret_key,
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "scheduler.api.app:create_app",
+         "--host", "0.0.0.0", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, "uvicorn exited"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 200
+        for path in ("/v1/models", "/v1/videos", "/metrics"):
+            response = httpx.get(f"http://{outside}:{port}{path}", timeout=10)
+            error = assert_error(response, 403, None, "loopback")
+            assert error["code"] == "loopback_only"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
