@@ -1,20 +1,44 @@
-"""Run one claimed job: pipeline -> frames -> mp4 -> S3 -> one guarded UPDATE.
+"""Run one claimed job: pipeline -> frames -> mp4 + previews -> S3 -> one guarded UPDATE.
 
-The GPU part (:meth:`JobRunner.run`) and the finishing part (encode, hash, upload, record:
-:meth:`JobRunner.finish`) are split, and the second runs on a small background executor, so
-the GPU starts the next job while the previous one is still uploading. The attempt keeps
-heart-beating until its finishing part is done, so the reaper never takes a job away from an
-upload that is still going.
+The GPU part (:meth:`JobRunner.run`) and the finishing part (encode, previews, hash, upload,
+record: :meth:`JobRunner.finish`) are split, and the second runs on a small background
+executor, so the GPU starts the next job while the previous one is still uploading. A process
+holds at most ``MAX_FINISHING`` claimed jobs (rendering or finishing): the next task waits
+for a slot *before* it claims, so while uploads wait for the store the worker takes no new
+message and claims no new job. The attempt keeps heart-beating until its finishing part is
+done, so the reaper never takes a job away from an upload that is still going.
+
+Objects of attempt *n* (see ``scheduler/storage.py``): the video, its two previews (the first
+frame as WebP, a JPEG grid of evenly spaced frames) and the JSON sidecar that describes all
+three. They go together: wherever the runner deletes an attempt's objects (cancel,
+superseded, failed upload) it deletes all four. A worker that claims attempt *n* > 1 first
+deletes whatever earlier attempts of the job left in the store (a job is never claimed again
+once final, so none of those is a recorded output).
+
+Outages:
+
+- The store down while finishing: the encoded files stay on local disk and the uploads are
+  retried with capped exponential back-off for as long as the attempt owns the job and is not
+  cancelled, up to ``storage_outage_max_s``; then the job goes back to the queue
+  (``retry_later``), or fails with ``storage_unavailable`` on its last attempt.
+- The store down while downloading an image-to-video input (bounded retries): the job goes
+  back to the queue (``retry_later``).
+- The database down while recording an outcome: the guarded UPDATE is retried with capped
+  back-off and no try limit, until the database answers. If it then matches no row (a newer
+  attempt won, or the job was cancelled) the attempt deletes its objects; if an earlier try
+  had committed after all (only its reply was lost), the row already shows this attempt's
+  outcome and nothing is deleted.
 
 Outcomes (each a guarded transition named by the attempt, see ``scheduler/db/transitions.py``):
 
-- succeeded: the objects are at ``video_key``/``sidecar_key`` of the attempt, and the row
-  records them in the same UPDATE that sets ``succeeded``. If that UPDATE matches no row (a
-  newer attempt won, or the job was cancelled), the attempt deletes what it uploaded.
+- succeeded: the objects are at the attempt's keys, and the row records the video in the
+  same UPDATE that sets ``succeeded``.
 - failed, with ``error_code`` one of: ``invalid_params`` (the engine refused the request),
-  ``model_load_failed``, ``out_of_memory``, ``storage_unavailable`` (the store stayed down
-  through the whole retry budget), ``internal_error`` (anything else; the message names the
-  exception type).
+  ``model_load_failed``, ``out_of_memory``, ``storage_unavailable`` (the store stayed down past
+  the outage limit on the job's last attempt), ``internal_error`` (anything else; the message
+  names the exception type). :meth:`JobRunner.run` raises :class:`worker.tasks.RenderFailed`
+  for a failure it recorded, so the Celery task ends as a FAILURE carrying the code.
+- requeued: a transient store error (``retry_later``); the reaper dispatches the job again.
 - cancelled: the step callback saw ``cancel_requested``; nothing is left in the store.
 - nothing at all, when the attempt found it no longer owns the job (the reaper requeued it):
   the row belongs to another attempt now.
@@ -24,7 +48,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -41,6 +67,7 @@ import torch
 from botocore.exceptions import BotoCoreError, ClientError
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from fastvideo.executor import RankGroupError
 from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled
@@ -51,13 +78,17 @@ from scheduler.models_config import ServedModel, load_models_config
 from scheduler.settings import Settings
 from scheduler.storage import (
     StorageUnavailable,
+    StoredObject,
     VideoStore,
     sha256_file,
     sidecar_key,
+    spritesheet_key,
+    thumbnail_key,
     video_key,
 )
 from worker.heartbeat import AttemptLiveness
 from worker.pipeline_cache import PipelineCache
+from worker.tasks import RenderFailed
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +103,20 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 DB_ERRORS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError)
 
-#: Finished renders waiting for or in encode+upload; a third render waits for a slot.
+#: Jobs one process holds claimed at once, from the claim to the recorded outcome: the one
+#: rendering and the ones waiting for or in encode+upload. The next task waits for a slot
+#: before it claims (and so before the worker takes another message).
 MAX_FINISHING = 2
+
+#: Previews. The thumbnail is the first frame, at most this many pixels on its long side.
+THUMBNAIL_MAX_SIDE = 640
+THUMBNAIL_QUALITY = 85
+#: The spritesheet: up to SPRITE_FRAMES evenly spaced frames (first and last included), in
+#: rows of at most SPRITE_COLUMNS, each tile at most SPRITE_TILE_MAX pixels on its long side.
+SPRITE_FRAMES = 10
+SPRITE_COLUMNS = 5
+SPRITE_TILE_MAX = 160
+SPRITE_QUALITY = 80
 
 #: Job.params keys passed to ``generate_video`` as they are (``prompt`` is checked apart).
 GENERATE_PARAMS = (
@@ -100,6 +143,23 @@ def make_worker_id(settings: Settings) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{group}"
 
 
+def backoff(settings: Settings, number: int) -> float:
+    """Seconds to wait after failed try ``number`` (1, 2, ...): exponential, capped."""
+    return min(settings.storage_retry_max_s, settings.storage_retry_base_s * 2 ** (number - 1))
+
+
+def _pause(delay: float, should_stop: Callable[[], bool] | None) -> bool:
+    """Sleep ``delay`` seconds, waking early (True) when ``should_stop()`` turns true."""
+    deadline = time.monotonic() + delay
+    while True:
+        if should_stop is not None and should_stop():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.25))
+
+
 def retry_transient(
     settings: Settings,
     what: str,
@@ -118,16 +178,71 @@ def retry_transient(
             if number == tries:
                 log.error("%s failed on try %d/%d, giving up: %s", what, number, tries, err)
                 raise
-            delay = min(
-                settings.storage_retry_max_s, settings.storage_retry_base_s * 2 ** (number - 1)
-            )
+            delay = backoff(settings, number)
             log.warning(
                 "%s failed on try %d/%d, retrying in %.2fs: %s", what, number, tries, delay, err
             )
-            time.sleep(delay)
-            if should_stop is not None and should_stop():
+            if _pause(delay, should_stop):
                 raise AttemptStopped(what) from err
     raise AssertionError("unreachable")
+
+
+class Outage:
+    """How long the uploads of one attempt have been failing, against a limit: the clock
+    starts at the first failed try and is shared by the attempt's uploads."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._since: float | None = None
+
+    def failed(self) -> float:
+        """Record a failed try; return the seconds since the first one."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        return now - self._since
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self._since is None else time.monotonic() - self._since
+
+
+def retry_until(
+    settings: Settings,
+    what: str,
+    fn: Callable[[], T],
+    *,
+    errors: tuple[type[BaseException], ...],
+    should_stop: Callable[[], bool] | None = None,
+    outage: Outage | None = None,
+) -> T:
+    """Call ``fn`` until it returns, with capped exponential back-off and no limit on tries.
+
+    Stops with :class:`AttemptStopped` when ``should_stop()`` turns true while waiting, and
+    re-raises the last error once ``outage`` has lasted its limit."""
+    number = 0
+    while True:
+        number += 1
+        try:
+            return fn()
+        except errors as err:
+            failing = outage.failed() if outage is not None else 0.0
+            if outage is not None and failing >= outage.limit_s:
+                log.error(
+                    "%s failed on try %d, failing for %.0fs (limit %.0fs), giving up: %s",
+                    what,
+                    number,
+                    failing,
+                    outage.limit_s,
+                    err,
+                )
+                raise
+            delay = backoff(settings, number)
+            if outage is not None:
+                delay = min(delay, outage.limit_s - failing)
+            log.warning("%s failed on try %d, retrying in %.2fs: %s", what, number, delay, err)
+            if _pause(delay, should_stop):
+                raise AttemptStopped(what) from err
 
 
 def generation_kwargs(params: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +251,106 @@ def generation_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"params.prompt must be a string, got {type(prompt).__name__}")
     kwargs = {key: params[key] for key in GENERATE_PARAMS if params.get(key) is not None}
     return {"prompt": prompt, **kwargs}
+
+
+# -- objects of an attempt -------------------------------------------------------------------
+
+
+def attempt_keys(job_id: str, attempt: int) -> tuple[str, ...]:
+    """Every key attempt ``attempt`` of the job writes: video, previews, sidecar."""
+    return (
+        video_key(job_id, attempt),
+        thumbnail_key(job_id, attempt),
+        spritesheet_key(job_id, attempt),
+        sidecar_key(job_id, attempt),
+    )
+
+
+_ATTEMPT_OF_KEY = re.compile(r"/attempt-(\d+)\.[^/]*$")
+
+
+def earlier_attempt_keys(keys: list[str], job_id: str, attempt: int) -> list[str]:
+    """The keys among ``keys`` that belong to attempts of the job before ``attempt``."""
+    prefix = f"videos/{job_id}/"
+    earlier = []
+    for key in keys:
+        match = _ATTEMPT_OF_KEY.search(key)
+        if key.startswith(prefix) and match and int(match.group(1)) < attempt:
+            earlier.append(key)
+    return sorted(earlier)
+
+
+def spritesheet_frames(num_frames: int, count: int = SPRITE_FRAMES) -> list[int]:
+    """``count`` (or fewer, for a short video) evenly spaced frame indices, first and last
+    included."""
+    n = max(1, min(count, num_frames))
+    if n == 1:
+        return [0]
+    return [i * (num_frames - 1) // (n - 1) for i in range(n)]
+
+
+def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+@dataclass
+class Preview:
+    """A preview image on local disk, the key it goes to, and what the sidecar says of it."""
+
+    key: str
+    path: Path
+    content_type: str
+    info: dict[str, Any]
+
+
+def make_previews(frames: np.ndarray, folder: Path, job_id: str, attempt: int) -> list[Preview]:
+    """The thumbnail (first frame, WebP) and the spritesheet (JPEG grid) of (T, H, W, 3) uint8
+    frames, written under ``folder``."""
+    from PIL import Image
+
+    num_frames, height, width = (int(n) for n in frames.shape[:3])
+    thumb_size = _fit(width, height, THUMBNAIL_MAX_SIDE)
+    thumbnail = Image.fromarray(frames[0])
+    if thumbnail.size != thumb_size:
+        thumbnail = thumbnail.resize(thumb_size, Image.Resampling.LANCZOS)
+    thumb_path = folder / "thumbnail.webp"
+    thumbnail.save(thumb_path, format="WEBP", quality=THUMBNAIL_QUALITY)
+
+    indices = spritesheet_frames(num_frames)
+    rows = math.ceil(len(indices) / SPRITE_COLUMNS)
+    columns = math.ceil(len(indices) / rows)
+    tile_w, tile_h = _fit(width, height, SPRITE_TILE_MAX)
+    sheet = Image.new("RGB", (columns * tile_w, rows * tile_h))
+    for n, index in enumerate(indices):
+        tile = Image.fromarray(frames[index])
+        if tile.size != (tile_w, tile_h):
+            tile = tile.resize((tile_w, tile_h), Image.Resampling.LANCZOS)
+        sheet.paste(tile, ((n % columns) * tile_w, (n // columns) * tile_h))
+    sheet_path = folder / "spritesheet.jpg"
+    sheet.save(sheet_path, format="JPEG", quality=SPRITE_QUALITY)
+    return [
+        Preview(
+            key=thumbnail_key(job_id, attempt),
+            path=thumb_path,
+            content_type="image/webp",
+            info={"width": thumb_size[0], "height": thumb_size[1], "frame": 0},
+        ),
+        Preview(
+            key=spritesheet_key(job_id, attempt),
+            path=sheet_path,
+            content_type="image/jpeg",
+            info={
+                "width": columns * tile_w,
+                "height": rows * tile_h,
+                "columns": columns,
+                "rows": rows,
+                "tile_width": tile_w,
+                "tile_height": tile_h,
+                "frames": indices,
+            },
+        ),
+    ]
 
 
 @dataclass
@@ -149,6 +364,15 @@ class Rendered:
     seed: int
     claimed_at: float  # time.monotonic()
     timings: dict[str, float] = field(default_factory=dict)
+    #: False when earlier attempts' objects could not be removed at the claim (store down).
+    earlier_removed: bool = True
+
+
+Outcome = str | RenderFailed
+
+
+def describe(outcome: Outcome) -> str:
+    return outcome if isinstance(outcome, str) else f"failed:{outcome.code}"
 
 
 class JobRunner:
@@ -178,28 +402,42 @@ class JobRunner:
         """Claim and render ``job_id``; hand the frames to the finishing executor.
 
         Returns what happened, for the log: ``skipped`` (not claimable: finished, cancelled or
-        owned by a live attempt), ``rendered`` (finishing in the background), ``cancelled``,
-        ``lost`` or ``failed:<code>``.
+        owned by a live attempt), ``rendered`` (finishing in the background), ``requeued``,
+        ``cancelled`` or ``lost``. Raises :class:`RenderFailed` when it recorded a failure.
         """
-        claim = self.claim(job_id)
-        if claim is None:
-            log.info("job %s: not claimable (finished, cancelled or owned), skipping", job_id)
-            return "skipped"
-        log.info("job %s: claimed attempt %d as %s", job_id, claim.attempt, self.worker_id)
-        liveness = AttemptLiveness(self.settings, job_id, claim.attempt).start()
+        # Blocks while MAX_FINISHING jobs of this process are still rendering or finishing
+        # (uploads waiting out a store outage): nothing is claimed, and the task does not
+        # return, so the worker takes no further message either.
+        if not self._slots.acquire(blocking=False):
+            log.info("job %s: waiting for a finishing slot before claiming", job_id)
+            self._slots.acquire()
         handed_off = False
         try:
-            outcome = self._render(claim, liveness)
-            if isinstance(outcome, Rendered):
-                self._hand_off(outcome)
-                handed_off = True
-                return "rendered"
-            return outcome
+            claim = self.claim(job_id)
+            if claim is None:
+                log.info("job %s: not claimable (finished, cancelled or owned), skipping", job_id)
+                return "skipped"
+            log.info("job %s: claimed attempt %d as %s", job_id, claim.attempt, self.worker_id)
+            liveness = AttemptLiveness(self.settings, job_id, claim.attempt).start()
+            try:
+                earlier_removed = self._remove_earlier_attempts(claim)
+                outcome = self._render(claim, liveness)
+                if isinstance(outcome, Rendered):
+                    outcome.earlier_removed = earlier_removed
+                    self._hand_off(outcome)
+                    handed_off = True
+                    return "rendered"
+                if isinstance(outcome, RenderFailed):
+                    raise outcome
+                return outcome
+            finally:
+                if not handed_off:
+                    liveness.stop()
         finally:
             if not handed_off:
-                liveness.stop()
+                self._slots.release()
 
-    def _render(self, claim: transitions.Claim, liveness: AttemptLiveness) -> Rendered | str:
+    def _render(self, claim: transitions.Claim, liveness: AttemptLiveness) -> Rendered | Outcome:
         claimed_at = time.monotonic()
         timings: dict[str, float] = {}
         try:
@@ -223,7 +461,8 @@ class JobRunner:
         except (GenerationCancelled, AttemptStopped):
             return self._stop(claim, liveness)
         except StorageUnavailable as err:
-            return self._fail(claim, "storage_unavailable", str(err))
+            # The input image could not be read from the store: another attempt may.
+            return self._retry_later(claim, "storage_unavailable", str(err))
         except ValueError as err:
             return self._fail(claim, "invalid_params", str(err))
         except torch.cuda.OutOfMemoryError as err:
@@ -285,13 +524,17 @@ class JobRunner:
             except BotoCoreError as err:
                 raise StorageUnavailable(f"storage download of {key} failed: {err}") from err
 
-        data = retry_transient(
-            self.settings,
-            f"job {claim.job_id} download of {key}",
-            fetch,
-            errors=(StorageUnavailable,),
-            should_stop=lambda: liveness.should_stop,
-        )
+        try:
+            data = retry_transient(
+                self.settings,
+                f"job {claim.job_id} download of {key}",
+                fetch,
+                errors=(StorageUnavailable,),
+                should_stop=lambda: liveness.should_stop,
+            )
+        except StorageUnavailable as err:
+            tries = self.settings.storage_retry_attempts
+            raise StorageUnavailable(f"{err} (gave up after {tries} tries)") from err
         from PIL import Image
 
         try:
@@ -300,16 +543,38 @@ class JobRunner:
         except OSError as err:
             raise ValueError(f"input image {key!r} is not a readable image ({err})") from None
 
-    def _hand_off(self, rendered: Rendered) -> None:
-        # Blocks while MAX_FINISHING renders are still encoding/uploading: the GPU may run at
-        # most that far ahead of the store.
-        self._slots.acquire()
+    def _remove_earlier_attempts(self, claim: transitions.Claim) -> bool:
+        """Attempt n > 1: delete what attempts 1..n-1 left in the store (an attempt that
+        uploaded, then died or gave up before recording). One try; False if the store did not
+        answer (the finishing part tries again once its own uploads went through)."""
+        if claim.attempt <= 1:
+            return True
         try:
-            future = self._finishing.submit(self.finish, rendered)
-        except BaseException:
-            self._slots.release()
-            rendered.liveness.stop()
-            raise
+            keys = earlier_attempt_keys(
+                self.store.list_keys(f"videos/{claim.job_id}/"), claim.job_id, claim.attempt
+            )
+            self.store.delete(*keys)
+        except StorageUnavailable as err:
+            log.warning(
+                "job %s attempt %d: could not remove earlier attempts' objects yet: %s",
+                claim.job_id,
+                claim.attempt,
+                err,
+            )
+            return False
+        if keys:
+            log.warning(
+                "job %s attempt %d: removed %d object(s) of earlier attempts: %s",
+                claim.job_id,
+                claim.attempt,
+                len(keys),
+                ", ".join(keys),
+            )
+        return True
+
+    def _hand_off(self, rendered: Rendered) -> None:
+        # The slot taken before the claim goes with the job; _finished gives it back.
+        future = self._finishing.submit(self.finish, rendered)
         with self._lock:
             self._in_flight.add(future)
         future.add_done_callback(self._finished)
@@ -329,6 +594,7 @@ class JobRunner:
             except Exception as err:
                 log.exception("job %s: finishing attempt %d failed", claim.job_id, claim.attempt)
                 outcome = self._fail(claim, "internal_error", f"{type(err).__name__}: {err}")
+                self._delete(*attempt_keys(claim.job_id, claim.attempt), retry=False)
         except Exception:
             # Nobody reads this thread's result: log, and let the reaper requeue the job
             # once the heartbeat below has stopped.
@@ -336,15 +602,20 @@ class JobRunner:
             outcome = "unrecorded"
         finally:
             liveness.stop()
-        log.info("job %s attempt %d: %s", claim.job_id, claim.attempt, outcome)
-        return outcome
+        text = describe(outcome)
+        log.info("job %s attempt %d: %s", claim.job_id, claim.attempt, text)
+        return text
 
-    def _store_and_record(self, rendered: Rendered) -> str:
+    def _store_and_record(self, rendered: Rendered) -> Outcome:
         claim, liveness, timings = rendered.claim, rendered.liveness, rendered.timings
         if liveness.should_stop:
             return self._stop(claim, liveness)
-        key = video_key(claim.job_id, claim.attempt)
-        side_key = sidecar_key(claim.job_id, claim.attempt)
+        keys = attempt_keys(claim.job_id, claim.attempt)
+        key, side_key = (
+            video_key(claim.job_id, claim.attempt),
+            sidecar_key(claim.job_id, claim.attempt),
+        )
+        # The encoded files stay in this folder (local disk) until they are stored or given up.
         with tempfile.TemporaryDirectory(prefix="fvb-encode-") as tmp:
             path = Path(tmp) / "video.mp4"
             started = time.perf_counter()
@@ -354,80 +625,111 @@ class JobRunner:
             digest = sha256_file(path)
             size = path.stat().st_size
             timings["sha256"] = time.perf_counter() - started
-            try:
-                started = time.perf_counter()
-                retry_transient(
+            started = time.perf_counter()
+            previews = make_previews(rendered.frames, Path(tmp), claim.job_id, claim.attempt)
+            timings["previews"] = time.perf_counter() - started
+            outage = Outage(self.settings.storage_outage_max_s)
+
+            def upload(what: str, fn: Callable[[], T]) -> T:
+                return retry_until(
                     self.settings,
-                    f"job {claim.job_id} upload of {key}",
-                    lambda: self.store.upload_video(path, key, digest),
+                    f"job {claim.job_id} upload of {what}",
+                    fn,
                     errors=(StorageUnavailable,),
                     should_stop=lambda: liveness.should_stop,
+                    outage=outage,
                 )
+
+            try:
+                log.info("job %s attempt %d: uploading %s", claim.job_id, claim.attempt, key)
+                started = time.perf_counter()
+                upload(key, lambda: self.store.upload_video(path, key, digest))
+                stored = [
+                    upload(p.key, lambda p=p: self.store.put_file(p.path, p.key, p.content_type))
+                    for p in previews
+                ]
                 timings["upload"] = time.perf_counter() - started
                 timings["total"] = time.monotonic() - rendered.claimed_at
-                sidecar = self._sidecar(rendered, key, size, digest)
-                retry_transient(
-                    self.settings,
-                    f"job {claim.job_id} upload of {side_key}",
-                    lambda: self.store.put_json(side_key, sidecar),
-                    errors=(StorageUnavailable,),
-                    should_stop=lambda: liveness.should_stop,
-                )
+                sidecar = self._sidecar(rendered, key, size, digest, previews, stored)
+                upload(side_key, lambda: self.store.put_json(side_key, sidecar))
             except StorageUnavailable as err:
-                tries = self.settings.storage_retry_attempts
-                outcome = self._fail(
-                    claim, "storage_unavailable", f"{err} (gave up after {tries} tries)"
+                message = (
+                    f"{err} (the store stayed unreachable for {outage.seconds:.0f}s; "
+                    f"storage_outage_max_s is {self.settings.storage_outage_max_s:.0f})"
                 )
+                outcome = self._retry_later(claim, "storage_unavailable", message)
                 # Record first: the store is down, so this one try is likely to fail too.
-                self._delete(key, side_key, retry=False)
+                self._delete(*keys, retry=False)
                 return outcome
             except AttemptStopped:
-                self._delete(key, side_key)
+                self._delete(*keys)
                 return self._stop(claim, liveness)
+        if not rendered.earlier_removed:
+            self._remove_earlier_attempts(claim)
         # A cancel that came in during the upload wins over the upload.
         liveness.check()
         if liveness.should_stop:
-            self._delete(key, side_key)
+            self._delete(*keys)
             return self._stop(claim, liveness)
 
-        def record() -> bool:
-            with session_scope(self.settings.database_url) as session:
-                return transitions.succeed(
-                    session,
-                    claim.job_id,
-                    claim.attempt,
-                    output_key=key,
-                    output_bytes=size,
-                    output_sha256=digest,
-                    stage_timings={k: round(v, 4) for k, v in timings.items()},
-                )
-
-        try:
-            won = retry_transient(
-                self.settings, f"job {claim.job_id} recording success", record, errors=DB_ERRORS
-            )
-        except DB_ERRORS:
-            # The commit may or may not have happened: keep the objects. If it did not, the
-            # heartbeat stops with this thread and the reaper requeues the job.
-            return "unrecorded"
-        if not won:
-            # Either a cancel arrived after the last step (the row is still ours: finish the
-            # cancel) or a newer attempt owns the job. Both ways the objects must go.
-            self._delete(key, side_key)
-            with session_scope(self.settings.database_url) as session:
-                cancelled = transitions.finish_cancelled(session, claim.job_id, claim.attempt)
-            log.warning(
-                "job %s attempt %d: %s before recording success; deleted its objects",
+        stage_timings = {k: round(v, 4) for k, v in timings.items()}
+        won = self._record(
+            claim,
+            "success",
+            lambda session: transitions.succeed(
+                session,
                 claim.job_id,
                 claim.attempt,
-                "cancelled" if cancelled else "superseded",
-            )
-            return "cancelled" if cancelled else "superseded"
-        return "succeeded"
+                output_key=key,
+                output_bytes=size,
+                output_sha256=digest,
+                stage_timings=stage_timings,
+            ),
+        )
+        if won:
+            return "succeeded"
+        status = self._status(claim)
+        if status == transitions.SUCCEEDED:
+            # An earlier try committed; only its reply was lost. The objects are the output.
+            log.info("job %s attempt %d: success was recorded", claim.job_id, claim.attempt)
+            return "succeeded"
+        # Either a cancel arrived after the last step (the row is still ours: finish the
+        # cancel) or a newer attempt owns the job. Both ways the objects must go.
+        self._delete(*keys)
+        cancelled = status == transitions.CANCELLED or (
+            status == transitions.RUNNING and self._record_cancel(claim)
+        )
+        log.warning(
+            "job %s attempt %d: %s before recording success; deleted its objects",
+            claim.job_id,
+            claim.attempt,
+            "cancelled" if cancelled else "superseded",
+        )
+        return "cancelled" if cancelled else "superseded"
 
-    def _sidecar(self, rendered: Rendered, key: str, size: int, digest: str) -> dict[str, Any]:
+    def _sidecar(
+        self,
+        rendered: Rendered,
+        key: str,
+        size: int,
+        digest: str,
+        previews: list[Preview],
+        stored: list[StoredObject],
+    ) -> dict[str, Any]:
         claim = rendered.claim
         frames = rendered.frames
+        images = {
+            name: {
+                "key": obj.key,
+                "bytes": obj.size,
+                "sha256": obj.sha256,
+                "content_type": preview.content_type,
+                **preview.info,
+            }
+            for name, preview, obj in zip(
+                ("thumbnail", "spritesheet"), previews, stored, strict=True
+            )
+        }
         return {
             "job_id": claim.job_id,
             "attempt": claim.attempt,
@@ -445,6 +747,7 @@ class JobRunner:
                 "width": int(frames.shape[2]),
                 "fps": rendered.fps,
             },
+            **images,
             "created_at": datetime.now(UTC).isoformat(),
         }
 
@@ -466,44 +769,90 @@ class JobRunner:
 
     # -- guarded transitions -----------------------------------------------------------------
 
-    def _fail(self, claim: transitions.Claim, code: str, message: str) -> str:
-        log.warning("job %s attempt %d failed (%s): %s", claim.job_id, claim.attempt, code, message)
+    def _record(self, claim: transitions.Claim, what: str, transition: Callable[[Session], T]) -> T:
+        """Run one guarded transition in its own transaction until the database answers
+        (capped back-off, no try limit): the attempt's result is kept until it is recorded,
+        or until the guard says the attempt no longer owns the job."""
 
-        def record() -> bool:
+        def once() -> T:
             with session_scope(self.settings.database_url) as session:
-                return transitions.fail(session, claim.job_id, claim.attempt, code, message)
+                return transition(session)
 
-        try:
-            if not retry_transient(
-                self.settings, f"job {claim.job_id} recording failure", record, errors=DB_ERRORS
-            ):
-                return "lost"
-        except DB_ERRORS:
-            return "unrecorded"
-        return f"failed:{code}"
+        return retry_until(
+            self.settings, f"job {claim.job_id} recording {what}", once, errors=DB_ERRORS
+        )
 
-    def _stop(self, claim: transitions.Claim, liveness: AttemptLiveness) -> str:
+    def _status(self, claim: transitions.Claim) -> str | None:
+        return self._record(
+            claim,
+            "outcome check",
+            lambda session: transitions.attempt_status(session, claim.job_id, claim.attempt),
+        )
+
+    def _fail(self, claim: transitions.Claim, code: str, message: str) -> Outcome:
+        log.warning("job %s attempt %d failed (%s): %s", claim.job_id, claim.attempt, code, message)
+        won = self._record(
+            claim,
+            "failure",
+            lambda session: transitions.fail(session, claim.job_id, claim.attempt, code, message),
+        )
+        if won or self._status(claim) == transitions.FAILED:
+            return RenderFailed(code, message)
+        return "lost"
+
+    def _retry_later(self, claim: transitions.Claim, code: str, message: str) -> Outcome:
+        """Back to the queue after a transient error (failed when no attempt is left)."""
+        log.warning(
+            "job %s attempt %d: %s, back to the queue: %s",
+            claim.job_id,
+            claim.attempt,
+            code,
+            message,
+        )
+        won = self._record(
+            claim,
+            "retry",
+            lambda session: transitions.retry_later(
+                session, claim.job_id, claim.attempt, code, message
+            ),
+        )
+        status = self._status(claim)
+        if status == transitions.FAILED:
+            return RenderFailed(code, f"{message} (no attempts left)")
+        if not won and status != transitions.QUEUED:
+            return "lost"
+        # A cancel asked for after the attempt last looked: the queued job is cancelled now.
+        if self._record(
+            claim,
+            "cancel",
+            lambda session: transitions.cancel_if_requested(session, claim.job_id),
+        ):
+            log.info("job %s attempt %d: cancelled while requeued", claim.job_id, claim.attempt)
+            return "cancelled"
+        return "requeued"
+
+    def _record_cancel(self, claim: transitions.Claim) -> bool:
+        if self._record(
+            claim,
+            "cancel",
+            lambda session: transitions.finish_cancelled(session, claim.job_id, claim.attempt),
+        ):
+            return True
+        return self._status(claim) == transitions.CANCELLED
+
+    def _stop(self, claim: transitions.Claim, liveness: AttemptLiveness) -> Outcome:
         if liveness.lost:
             log.warning("job %s attempt %d: lost the job, stopping", claim.job_id, claim.attempt)
             return "lost"
-
-        def record() -> bool:
-            with session_scope(self.settings.database_url) as session:
-                return transitions.finish_cancelled(session, claim.job_id, claim.attempt)
-
-        try:
-            won = retry_transient(
-                self.settings, f"job {claim.job_id} recording cancel", record, errors=DB_ERRORS
-            )
-        except DB_ERRORS:
-            return "unrecorded"
+        if not self._record_cancel(claim):
+            return "lost"
         log.info(
             "job %s attempt %d: cancelled after step %d",
             claim.job_id,
             claim.attempt,
             liveness.last_step,
         )
-        return "cancelled" if won else "lost"
+        return "cancelled"
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -4,6 +4,15 @@ The message only says "please run job X"; the job row decides. A message for a j
 finished, cancelled or owned by a live attempt (a redelivered duplicate) is acknowledged
 without doing anything. The runner (and torch with it) is created on the first task, in the
 pool child: the Celery parent process never imports the engine.
+
+Task outcomes, as Flower and ``celery events`` show them: a failure the runner recorded
+(``model_load_failed``, ``invalid_params``...) ends the task as FAILURE with
+:class:`RenderFailed` (``RenderFailed('model_load_failed', '...')``), an expected exception
+(``throws``: logged without a traceback) whose message is acknowledged like any other
+(``task_acks_on_failure_or_timeout``), so a failed job is not redelivered. Rendered (finishing
+in the background), requeued, skipped, cancelled and lost are successful outcomes: the task
+returns that word. The outcome of the finishing part (upload, record) comes after the task
+has returned; the job row and the worker log have it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,19 @@ _runner: JobRunner | None = None
 _runner_pid: int | None = None
 
 
+class RenderFailed(Exception):
+    """The job failed for good (the row says ``failed`` with this ``code``). Raised by the
+    runner so that the render task ends as a Celery FAILURE that names the error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)  # both in args: pickles to the parent, shown by repr
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
 def get_runner(settings: Settings) -> JobRunner:
     """This process's runner (pipelines, store client, finishing executor), made once."""
     global _runner, _runner_pid
@@ -37,7 +59,15 @@ def get_runner(settings: Settings) -> JobRunner:
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
-    @app.task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(
+        name=RENDER_TASK,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        # Acknowledged on failure too (the default, spelled out): a failed job is final.
+        acks_on_failure_or_timeout=True,
+        throws=(RenderFailed,),
+    )
     def render(self: Task, job_id: str) -> str:
         from worker.runner import TRANSIENT_ERRORS
 
@@ -53,6 +83,9 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             raise self.retry(
                 exc=err, countdown=delay, max_retries=settings.storage_retry_attempts
             ) from err
+        except RenderFailed as err:
+            log.info("job %s: failed:%s", job_id, err.code)
+            raise
         log.info("job %s: %s", job_id, outcome)
         return outcome
 
