@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import re
 import socket
@@ -65,8 +64,6 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from botocore.exceptions import BotoCoreError, ClientError
-from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from fastvideo.executor import RankGroupError
@@ -88,35 +85,22 @@ from scheduler.storage import (
 )
 from worker.heartbeat import AttemptLiveness
 from worker.pipeline_cache import PipelineCache
+from worker.previews import Preview, make_previews
+from worker.retries import (
+    DB_ERRORS,
+    AttemptStopped,
+    Outage,
+    retry_transient,
+    retry_until,
+)
 from worker.tasks import RenderFailed
 
 log = logging.getLogger(__name__)
-
-#: Errors another try may fix: the store or the database was briefly unreachable.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    StorageUnavailable,
-    OperationalError,
-    InterfaceError,
-    BrokerError,
-    ConnectionError,
-    TimeoutError,
-)
-DB_ERRORS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError)
 
 #: Jobs one process holds claimed at once, from the claim to the recorded outcome: the one
 #: rendering and the ones waiting for or in encode+upload. The next task waits for a slot
 #: before it claims (and so before the worker takes another message).
 MAX_FINISHING = 2
-
-#: Previews. The thumbnail is the first frame, at most this many pixels on its long side.
-THUMBNAIL_MAX_SIDE = 640
-THUMBNAIL_QUALITY = 85
-#: The spritesheet: up to SPRITE_FRAMES evenly spaced frames (first and last included), in
-#: rows of at most SPRITE_COLUMNS, each tile at most SPRITE_TILE_MAX pixels on its long side.
-SPRITE_FRAMES = 10
-SPRITE_COLUMNS = 5
-SPRITE_TILE_MAX = 160
-SPRITE_QUALITY = 80
 
 #: Job.params keys passed to ``generate_video`` as they are (``prompt`` is checked apart).
 GENERATE_PARAMS = (
@@ -133,116 +117,10 @@ GENERATE_PARAMS = (
 T = TypeVar("T")
 
 
-class AttemptStopped(Exception):
-    """The attempt was cancelled or lost the job while waiting to retry."""
-
-
 def make_worker_id(settings: Settings) -> str:
     """``hostname:pid:gpus`` of the process that runs jobs (the pool child)."""
     group = settings.worker_gpus or settings.worker_device or "auto"
     return f"{socket.gethostname()}:{os.getpid()}:{group}"
-
-
-def backoff(settings: Settings, number: int) -> float:
-    """Seconds to wait after failed try ``number`` (1, 2, ...): exponential, capped."""
-    return min(settings.storage_retry_max_s, settings.storage_retry_base_s * 2 ** (number - 1))
-
-
-def _pause(delay: float, should_stop: Callable[[], bool] | None) -> bool:
-    """Sleep ``delay`` seconds, waking early (True) when ``should_stop()`` turns true."""
-    deadline = time.monotonic() + delay
-    while True:
-        if should_stop is not None and should_stop():
-            return True
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(left, 0.25))
-
-
-def retry_transient(
-    settings: Settings,
-    what: str,
-    fn: Callable[[], T],
-    *,
-    errors: tuple[type[BaseException], ...] = TRANSIENT_ERRORS,
-    should_stop: Callable[[], bool] | None = None,
-) -> T:
-    """Call ``fn``; on a transient error try again with exponential backoff, up to
-    ``storage_retry_attempts`` tries in all, then re-raise the last error."""
-    tries = max(1, settings.storage_retry_attempts)
-    for number in range(1, tries + 1):
-        try:
-            return fn()
-        except errors as err:
-            if number == tries:
-                log.error("%s failed on try %d/%d, giving up: %s", what, number, tries, err)
-                raise
-            delay = backoff(settings, number)
-            log.warning(
-                "%s failed on try %d/%d, retrying in %.2fs: %s", what, number, tries, delay, err
-            )
-            if _pause(delay, should_stop):
-                raise AttemptStopped(what) from err
-    raise AssertionError("unreachable")
-
-
-class Outage:
-    """How long the uploads of one attempt have been failing, against a limit: the clock
-    starts at the first failed try and is shared by the attempt's uploads."""
-
-    def __init__(self, limit_s: float) -> None:
-        self.limit_s = limit_s
-        self._since: float | None = None
-
-    def failed(self) -> float:
-        """Record a failed try; return the seconds since the first one."""
-        now = time.monotonic()
-        if self._since is None:
-            self._since = now
-        return now - self._since
-
-    @property
-    def seconds(self) -> float:
-        return 0.0 if self._since is None else time.monotonic() - self._since
-
-
-def retry_until(
-    settings: Settings,
-    what: str,
-    fn: Callable[[], T],
-    *,
-    errors: tuple[type[BaseException], ...],
-    should_stop: Callable[[], bool] | None = None,
-    outage: Outage | None = None,
-) -> T:
-    """Call ``fn`` until it returns, with capped exponential back-off and no limit on tries.
-
-    Stops with :class:`AttemptStopped` when ``should_stop()`` turns true while waiting, and
-    re-raises the last error once ``outage`` has lasted its limit."""
-    number = 0
-    while True:
-        number += 1
-        try:
-            return fn()
-        except errors as err:
-            failing = outage.failed() if outage is not None else 0.0
-            if outage is not None and failing >= outage.limit_s:
-                log.error(
-                    "%s failed on try %d, failing for %.0fs (limit %.0fs), giving up: %s",
-                    what,
-                    number,
-                    failing,
-                    outage.limit_s,
-                    err,
-                )
-                raise
-            delay = backoff(settings, number)
-            if outage is not None:
-                delay = min(delay, outage.limit_s - failing)
-            log.warning("%s failed on try %d, retrying in %.2fs: %s", what, number, delay, err)
-            if _pause(delay, should_stop):
-                raise AttemptStopped(what) from err
 
 
 def generation_kwargs(params: dict[str, Any]) -> dict[str, Any]:
@@ -278,79 +156,6 @@ def earlier_attempt_keys(keys: list[str], job_id: str, attempt: int) -> list[str
         if key.startswith(prefix) and match and int(match.group(1)) < attempt:
             earlier.append(key)
     return sorted(earlier)
-
-
-def spritesheet_frames(num_frames: int, count: int = SPRITE_FRAMES) -> list[int]:
-    """``count`` (or fewer, for a short video) evenly spaced frame indices, first and last
-    included."""
-    n = max(1, min(count, num_frames))
-    if n == 1:
-        return [0]
-    return [i * (num_frames - 1) // (n - 1) for i in range(n)]
-
-
-def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
-    scale = min(1.0, max_side / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-@dataclass
-class Preview:
-    """A preview image on local disk, the key it goes to, and what the sidecar says of it."""
-
-    key: str
-    path: Path
-    content_type: str
-    info: dict[str, Any]
-
-
-def make_previews(frames: np.ndarray, folder: Path, job_id: str, attempt: int) -> list[Preview]:
-    """The thumbnail (first frame, WebP) and the spritesheet (JPEG grid) of (T, H, W, 3) uint8
-    frames, written under ``folder``."""
-    from PIL import Image
-
-    num_frames, height, width = (int(n) for n in frames.shape[:3])
-    thumb_size = _fit(width, height, THUMBNAIL_MAX_SIDE)
-    thumbnail = Image.fromarray(frames[0])
-    if thumbnail.size != thumb_size:
-        thumbnail = thumbnail.resize(thumb_size, Image.Resampling.LANCZOS)
-    thumb_path = folder / "thumbnail.webp"
-    thumbnail.save(thumb_path, format="WEBP", quality=THUMBNAIL_QUALITY)
-
-    indices = spritesheet_frames(num_frames)
-    rows = math.ceil(len(indices) / SPRITE_COLUMNS)
-    columns = math.ceil(len(indices) / rows)
-    tile_w, tile_h = _fit(width, height, SPRITE_TILE_MAX)
-    sheet = Image.new("RGB", (columns * tile_w, rows * tile_h))
-    for n, index in enumerate(indices):
-        tile = Image.fromarray(frames[index])
-        if tile.size != (tile_w, tile_h):
-            tile = tile.resize((tile_w, tile_h), Image.Resampling.LANCZOS)
-        sheet.paste(tile, ((n % columns) * tile_w, (n // columns) * tile_h))
-    sheet_path = folder / "spritesheet.jpg"
-    sheet.save(sheet_path, format="JPEG", quality=SPRITE_QUALITY)
-    return [
-        Preview(
-            key=thumbnail_key(job_id, attempt),
-            path=thumb_path,
-            content_type="image/webp",
-            info={"width": thumb_size[0], "height": thumb_size[1], "frame": 0},
-        ),
-        Preview(
-            key=spritesheet_key(job_id, attempt),
-            path=sheet_path,
-            content_type="image/jpeg",
-            info={
-                "width": columns * tile_w,
-                "height": rows * tile_h,
-                "columns": columns,
-                "rows": rows,
-                "tile_width": tile_w,
-                "tile_height": tile_h,
-                "frames": indices,
-            },
-        ),
-    ]
 
 
 @dataclass
@@ -455,7 +260,11 @@ class JobRunner:
             image = self._input_image(claim, liveness)
             started = time.perf_counter()
             result = generator.generate_video(
-                **kwargs, image=image, return_frames=True, callback=liveness.on_step
+                **kwargs,
+                image=image,
+                return_frames=True,
+                callback=liveness.on_step,
+                progress=False,  # progress goes to the job row, not to the worker's log
             )
             timings["generate"] = time.perf_counter() - started
         except (GenerationCancelled, AttemptStopped):

@@ -69,7 +69,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         throws=(RenderFailed,),
     )
     def render(self: Task, job_id: str) -> str:
-        from worker.runner import TRANSIENT_ERRORS
+        from worker.retries import TRANSIENT_ERRORS
 
         runner = get_runner(settings)
         try:

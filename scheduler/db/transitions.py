@@ -284,20 +284,36 @@ def mark_dispatched(session: Session, job_id: str) -> bool:
 
 
 def requeue_stale(session: Session, timeout_s: float, now: datetime | None = None) -> list[str]:
-    """Reaper: running jobs whose worker stopped heart-beating go back to the queue
-    (or fail, when that was their last attempt). Returns the requeued job ids."""
+    """Reaper: running jobs whose worker stopped heart-beating go back to the queue (or fail,
+    when that was their last attempt; or end cancelled, when a cancel was asked for: no
+    worker would ever take a queued job with a cancel request). Returns the requeued ids."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=timeout_s)
     stale = session.execute(
-        select(Job.id, Job.attempt, Job.max_attempts).where(
+        select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested).where(
             Job.status == RUNNING, Job.heartbeat_at < cutoff
         )
     ).all()
     requeued = []
-    for job_id, attempt, max_attempts in stale:
+    for job_id, attempt, max_attempts, cancel_requested in stale:
         guard = and_(_owned(attempt), Job.heartbeat_at < cutoff)
         message = f"worker stopped heart-beating for {timeout_s:.0f}s during attempt {attempt}"
-        if attempt >= max_attempts:
+        if cancel_requested:
+            _transition(
+                session,
+                job_id,
+                guard,
+                RUNNING,
+                dict(
+                    status=CANCELLED,
+                    error_code="cancelled",
+                    error_message=f"cancelled by request ({message})",
+                    finished_at=now,
+                ),
+                attempt,
+                detail="worker_lost",
+            )
+        elif attempt >= max_attempts:
             _transition(
                 session,
                 job_id,

@@ -237,10 +237,21 @@ class ManagedProcess:
                 _live.discard(self)
 
     def pause(self) -> None:
-        """Freeze the server (SIGSTOP): its ports stay open but nothing answers."""
+        """Freeze the server (SIGSTOP): its ports stay open but nothing answers.
+
+        The group signal misses children that lead sessions of their own (PostgreSQL's
+        backends call setsid), so every descendant is stopped too; the leader first, so it
+        forks nothing new while they are listed.
+        """
         self._signal_group(signal.SIGSTOP)
+        for pid in _descendants(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
+        for pid in _descendants(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         self._signal_group(signal.SIGCONT)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -255,6 +266,29 @@ class ManagedProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._popen.pid, sig)
+
+
+def _descendants(root: int | None) -> list[int]:
+    """Every process below ``root``, from /proc (Linux; empty elsewhere)."""
+    if root is None or not os.path.isdir("/proc"):
+        return []
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+                ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, frontier = [], [root]
+    while frontier:
+        below = children.get(frontier.pop(), [])
+        found += below
+        frontier += below
+    return found
 
 
 def stop_together(stops: Sequence[Callable[[], None]]) -> None:

@@ -3,10 +3,6 @@ Valkey broker): priority first, then each tenant's jobs drop a level per
 ``fair_share_step`` of its own queued jobs ahead of them, so another tenant's first videos
 are not held behind all of one tenant's backlog."""
 
-# test_api's module fixtures are imported by name for pytest to inject; the test functions'
-# parameters of the same names are those fixtures, not redefinitions.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import base64
@@ -18,18 +14,7 @@ from scheduler.db.models import Job
 from scheduler.db.session import session_scope
 from scheduler.dispatch import redis_priority
 
-from .test_api import (  # noqa: F401 (fixtures)
-    T2V,
-    T2V_POOL,
-    acme,
-    broker,
-    client,
-    globex,
-    keys,
-    models_toml,
-    settings,
-    submit,
-)
+from .api_fixtures import T2V, T2V_POOL, submit
 
 SEP = "\x06\x16"  # kombu's separator between a queue's name and its priority level
 

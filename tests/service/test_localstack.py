@@ -177,3 +177,27 @@ def test_stop_is_idempotent_and_leaves_no_process(tmp_path: Path) -> None:
 def test_s3_client_helper(s3_server: S3Service) -> None:
     s3 = s3_server.client(retries={"max_attempts": 1})
     assert isinstance(s3.list_buckets()["Buckets"], list)
+
+
+def test_postgres_pause_freezes_open_connections_too(tmp_path: Path) -> None:
+    """Its backends lead sessions of their own: the group signal alone missed them."""
+    import threading
+
+    with start_postgres(tmp_path / "pg") as server:
+        url = server.url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(url, connect_timeout=5) as connection:
+            connection.execute("SELECT 1")
+            server.pause()
+            answered = threading.Event()
+
+            def query() -> None:
+                connection.execute("SELECT 1")
+                answered.set()
+
+            worker = threading.Thread(target=query, daemon=True)
+            try:
+                worker.start()
+                assert not answered.wait(1.0), "a paused server answered"
+            finally:
+                server.resume()
+            assert answered.wait(10)

@@ -123,6 +123,18 @@ def test_silent_running_job_is_requeued_and_dispatched_again(settings, broker):
     assert messages(broker) == [job_id]
 
 
+def test_silent_job_whose_cancel_was_asked_ends_cancelled_not_queued(settings, broker):
+    job_id = running_job(settings, silent_for_s=600)
+    with session_scope(settings.database_url) as session:
+        assert transitions.request_cancel(session, job_id) == "running"
+    result = run_reaper_once(settings)
+    assert result["requeued"] == [] and job_id not in result["dispatched"]
+    job = load(settings, job_id)
+    assert (job.status, job.error_code) == ("cancelled", "cancelled")
+    assert transitions_of(settings, job_id)[-1] == ("running", "cancelled", 1, "worker_lost")
+    assert job_id not in messages(broker)
+
+
 def test_queued_job_never_dispatched_gets_dispatched(settings, broker):
     job_id = new_job(settings)
     assert load(settings, job_id).dispatched_at is None

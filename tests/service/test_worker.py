@@ -43,6 +43,7 @@ from scheduler.db.migrate import upgrade
 from scheduler.db.models import Job, JobEvent
 from scheduler.db.session import session_scope
 from scheduler.dispatch import dispatch
+from scheduler.localstack.process import die_with_parent
 from scheduler.models_config import ServedModel
 from scheduler.settings import Settings
 from scheduler.storage import (
@@ -121,6 +122,7 @@ def start_workers(
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),  # a killed test run takes its workers along
             )
         workers.append(WorkerProcess(popen, log_path))
     try:
