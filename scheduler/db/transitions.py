@@ -228,18 +228,24 @@ def cancel_if_requested(session: Session, job_id: str) -> bool:
     ).one_or_none()
     if row is None or row.status != QUEUED or not row.cancel_requested:
         return False
+    return _cancel_queued(session, job_id, row.attempt)
+
+
+def _cancel_queued(session: Session, job_id: str, attempt: int) -> bool:
+    """queued -> cancelled, guarded by the attempt the job was queued at."""
     return _transition(
         session,
         job_id,
-        and_(Job.status == QUEUED, Job.attempt == row.attempt),
+        and_(Job.status == QUEUED, Job.attempt == attempt),
         QUEUED,
         dict(
             status=CANCELLED,
+            cancel_requested=True,
             error_code="cancelled",
             error_message="cancelled by request",
             finished_at=utcnow(),
         ),
-        row.attempt,
+        attempt,
     )
 
 
@@ -252,21 +258,7 @@ def request_cancel(session: Session, job_id: str) -> str | None:
     if row is None:
         return None
     if row.status == QUEUED:
-        done = _transition(
-            session,
-            job_id,
-            and_(Job.status == QUEUED, Job.attempt == row.attempt),
-            QUEUED,
-            dict(
-                status=CANCELLED,
-                cancel_requested=True,
-                error_code="cancelled",
-                error_message="cancelled by request",
-                finished_at=utcnow(),
-            ),
-            row.attempt,
-        )
-        if done:
+        if _cancel_queued(session, job_id, row.attempt):
             return CANCELLED
         return request_cancel(session, job_id)  # it was claimed meanwhile: flag it instead
     if row.status == RUNNING:

@@ -5,11 +5,13 @@ check. The fixtures are registered for tests/service by its conftest."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -182,13 +184,14 @@ def run_to_success(settings, s3, job_id, content=b"\x00\x00\x00\x18ftypmp42fake-
     return content
 
 
-@pytest.fixture(scope="module")
-def server_url(settings):
+@contextlib.contextmanager
+def serve(app) -> Iterator[int]:
+    """``app`` on a real uvicorn server in this process (so monkeypatch reaches it); its port."""
     import uvicorn
 
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=30)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -196,6 +199,14 @@ def server_url(settings):
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server_url(settings) -> Iterator[str]:
+    with serve(create_app(settings)) as port:
+        yield f"http://127.0.0.1:{port}/v1"

@@ -13,9 +13,7 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from scheduler.localstack.ports import free_port
 from scheduler.localstack.process import die_with_parent
 from scheduler.storage import spritesheet_key, thumbnail_key
 
-from .api_fixtures import T2V, assert_error, run_to_success, submit
+from .api_fixtures import T2V, assert_error, run_to_success, serve, submit
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,28 +44,6 @@ def job_count(settings) -> int:
 
 def post_raw(client, path: str, raw: bytes, headers, content_type="application/json"):
     return client.post(path, content=raw, headers={**headers, "Content-Type": content_type})
-
-
-@contextlib.contextmanager
-def serve(app) -> Iterator[int]:
-    """``app`` on a real uvicorn server in this process (so monkeypatch reaches it)."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=30)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 # --- text no layer can store -----------------------------------------------------------------
