@@ -42,11 +42,13 @@ RUN if [ -n "${FLASH_ATTN_VERSION}" ]; then \
     fi
 
 # Then the source. Editable on purpose: `fvb db upgrade` finds migrations/ beside the
-# scheduler package (scheduler/db/migrate.py), which a site-packages install would not have.
+# core package (fvb_core/db/migrate.py), which a site-packages install would not have.
 COPY README.md alembic.ini ./
 COPY fastvideo ./fastvideo
+COPY fvb_core ./fvb_core
 COPY scheduler ./scheduler
 COPY worker ./worker
+COPY fvb_tools ./fvb_tools
 COPY migrations ./migrations
 RUN pip install --no-deps -e ".[service]"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from scheduler.db.models import Base
-from scheduler.db.session import get_engine
-from scheduler.settings import get_settings
+from fvb_core.db.models import Base
+from fvb_core.db.session import get_engine
+from fvb_core.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,1 +1,1 @@
-"""Control plane: HTTP API, database models, admission, dispatch and the local dev stack."""
+"""The control plane: the HTTP API and the scheduler process (release, reaper)."""

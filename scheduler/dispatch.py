@@ -16,11 +16,11 @@ from functools import lru_cache
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from scheduler.celery_config import RENDER_TASK, make_celery, queue_for_pool
-from scheduler.db import transitions
-from scheduler.db.models import Job, JobStatus
-from scheduler.db.session import session_scope
-from scheduler.settings import Settings
+from fvb_core.db import transitions
+from fvb_core.db.models import Job, JobStatus
+from fvb_core.db.session import session_scope
+from fvb_core.queue import RENDER_TASK, make_celery, queue_for_pool
+from fvb_core.settings import Settings
 
 #: Redis priority levels: 0 is served first, 9 last.
 LOWEST_LEVEL = 9

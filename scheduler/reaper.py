@@ -18,12 +18,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from scheduler.db import transitions
-from scheduler.db.models import Job
-from scheduler.db.session import session_scope
+from fvb_core.db import transitions
+from fvb_core.db.models import Job
+from fvb_core.db.session import session_scope
+from fvb_core.models_config import ServedModel, load_models_config
+from fvb_core.settings import Settings, get_settings
 from scheduler.dispatch import dispatch
-from scheduler.models_config import ServedModel, load_models_config
-from scheduler.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

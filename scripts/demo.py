@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    from scheduler.localstack.demo import run_demo
+    from fvb_tools.localstack.demo import run_demo
 
     videos = run_demo(ROOT / ".demo" / "stack", ROOT / ".demo" / "outputs")
     print()

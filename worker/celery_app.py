@@ -10,8 +10,8 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from scheduler.celery_config import make_celery, queue_for_pool
-from scheduler.settings import Settings, get_settings
+from fvb_core.queue import make_celery, queue_for_pool
+from fvb_core.settings import Settings, get_settings
 from worker.tasks import register_tasks
 
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from scheduler.db import transitions
-from scheduler.db.models import Job
-from scheduler.db.session import session_scope
-from scheduler.settings import Settings
+from fvb_core.db import transitions
+from fvb_core.db.models import Job
+from fvb_core.db.session import session_scope
+from fvb_core.settings import Settings
 
 if TYPE_CHECKING:
     from fastvideo.pipelines.pipeline_batch_info import StepProgress

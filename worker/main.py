@@ -4,7 +4,7 @@
     python -m worker.main --gpus 2,3        # a group of two GPUs
     python -m worker.main --device cpu      # no GPU at all
 
-Settings come from the environment (``FVB_*``, see ``scheduler/settings.py``). The Celery
+Settings come from the environment (``FVB_*``, see ``fvb_core/settings.py``). The Celery
 parent process only talks to Redis; it never imports torch. Jobs run in its prefork child
 (concurrency 1), which is the only process that initialises CUDA, on the GPUs named by
 ``CUDA_VISIBLE_DEVICES`` (set here, before any fork). If that child is killed, Celery puts
@@ -20,8 +20,8 @@ import os
 import socket
 import sys
 
-from scheduler.celery_config import queue_for_pool
-from scheduler.settings import Settings, get_settings
+from fvb_core.queue import queue_for_pool
+from fvb_core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

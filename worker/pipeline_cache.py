@@ -16,7 +16,7 @@ import time
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from scheduler.models_config import ServedModel
+from fvb_core.models_config import ServedModel
 
 if TYPE_CHECKING:
     from fastvideo import VideoGenerator

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from scheduler.storage import spritesheet_key, thumbnail_key
+from fvb_core.storage import spritesheet_key, thumbnail_key
 
 #: Previews. The thumbnail is the first frame, at most this many pixels on its long side.
 THUMBNAIL_MAX_SIDE = 640

@@ -12,8 +12,8 @@ from typing import TypeVar
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from scheduler.settings import Settings
-from scheduler.storage import StorageUnavailable
+from fvb_core.settings import Settings
+from fvb_core.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
 

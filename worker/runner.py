@@ -8,7 +8,7 @@ for a slot *before* it claims, so while uploads wait for the store the worker ta
 message and claims no new job. The attempt keeps heart-beating until its finishing part is
 done, so the reaper never takes a job away from an upload that is still going.
 
-Objects of attempt *n* (see ``scheduler/storage.py``): the video, its two previews (the first
+Objects of attempt *n* (see ``fvb_core/storage.py``): the video, its two previews (the first
 frame as WebP, a JPEG grid of evenly spaced frames) and the JSON sidecar that describes all
 three. They go together: wherever the runner deletes an attempt's objects (cancel,
 superseded, failed upload) it deletes all four. A worker that claims attempt *n* > 1 first
@@ -29,7 +29,7 @@ Outages:
   had committed after all (only its reply was lost), the row already shows this attempt's
   outcome and nothing is deleted.
 
-Outcomes (each a guarded transition named by the attempt, see ``scheduler/db/transitions.py``):
+Outcomes (each a guarded transition named by the attempt, see ``fvb_core/db/transitions.py``):
 
 - succeeded: the objects are at the attempt's keys, and the row records the video in the
   same UPDATE that sets ``succeeded``.
@@ -69,11 +69,11 @@ from sqlalchemy.orm import Session
 from fastvideo.executor import RankGroupError
 from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled
 from fastvideo.utils.video_io import frames_to_uint8, write_mp4
-from scheduler.db import transitions
-from scheduler.db.session import session_scope
-from scheduler.models_config import ServedModel, load_models_config
-from scheduler.settings import Settings
-from scheduler.storage import (
+from fvb_core.db import transitions
+from fvb_core.db.session import session_scope
+from fvb_core.models_config import ServedModel, load_models_config
+from fvb_core.settings import Settings
+from fvb_core.storage import (
     StorageUnavailable,
     StoredObject,
     VideoStore,

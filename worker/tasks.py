@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 from celery import Celery, Task, signals
 
-from scheduler.celery_config import RENDER_TASK
-from scheduler.settings import Settings
+from fvb_core.queue import RENDER_TASK
+from fvb_core.settings import Settings
 
 if TYPE_CHECKING:
     from worker.runner import JobRunner

@@ -13,14 +13,14 @@ import time
 
 from fastapi import FastAPI
 
+from fvb_core.models_config import load_models_config
+from fvb_core.net import is_loopback
+from fvb_core.settings import Settings, get_settings
+from fvb_core.storage import VideoStore
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import RequestMiddleware, install_error_handlers
 from scheduler.api.metrics import Metrics, MetricsMiddleware
 from scheduler.api.routes import batches, dashboard, health, models, videos
-from scheduler.models_config import load_models_config
-from scheduler.net import is_loopback
-from scheduler.settings import Settings, get_settings
-from scheduler.storage import VideoStore
 
 log = logging.getLogger(__name__)
 

@@ -16,113 +16,18 @@ came in on, so ``uvicorn --host 0.0.0.0`` cannot open the API to the network.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import secrets
-import threading
-import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
+from fvb_core.api_keys import Principal, principal_for_key
+from fvb_core.db.session import session_scope
+from fvb_core.net import is_loopback
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.errors import ApiError
-from scheduler.db.models import ApiKey
-from scheduler.db.session import session_scope
-from scheduler.net import is_loopback
 
-KEY_PREFIX = "fvb-"
 DEFAULT_TENANT = "default"
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a request acts for."""
-
-    tenant: str
-    operator: bool = False
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def create_api_key(
-    session: Session, tenant: str, name: str | None = None, operator: bool = False
-) -> str:
-    """Store a new key for `tenant` and return it in plain text (the only time it is seen).
-
-    The caller commits the session.
-    """
-    if not tenant:
-        raise ValueError("tenant must be a non-empty string")
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(
-        ApiKey(
-            id=f"key_{secrets.token_hex(8)}",
-            tenant=tenant,
-            name=name,
-            key_hash=hash_key(key),
-            prefix=key[:12],
-            operator=operator,
-        )
-    )
-    session.flush()
-    return key
-
-
-def principal_for_key(session: Session, key: str) -> Principal | None:
-    """Who a live (not revoked) key acts for, or None."""
-    row = session.execute(
-        select(ApiKey.tenant, ApiKey.operator).where(
-            ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
-        )
-    ).one_or_none()
-    return Principal(row.tenant, bool(row.operator)) if row is not None else None
-
-
-class FailedAuthLimiter:
-    """At most ``limit`` wrong keys per client address in any ``window_s`` seconds.
-
-    Memory is bounded: the least recently seen of more than ``max_addresses`` addresses is
-    forgotten (an attacker with that many addresses is a job for the network, not for us).
-    """
-
-    def __init__(self, limit: int, window_s: float = 60.0, max_addresses: int = 10_000) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self.max_addresses = max_addresses
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def retry_after(self, address: str) -> float | None:
-        """Seconds until ``address`` may try again, or None when it may now."""
-        if self.limit <= 0:
-            return None
-        now = time.monotonic()
-        with self._lock:
-            failures = self._failures.get(address)
-            if failures is None:
-                return None
-            while failures and failures[0] <= now - self.window_s:
-                failures.popleft()
-            if len(failures) < self.limit:
-                return None
-            return failures[0] + self.window_s - now
-
-    def record_failure(self, address: str) -> None:
-        if self.limit <= 0:
-            return
-        with self._lock:
-            failures = self._failures.pop(address, None) or deque(maxlen=self.limit)
-            failures.append(time.monotonic())
-            self._failures[address] = failures
-            while len(self._failures) > self.max_addresses:
-                self._failures.popitem(last=False)
 
 
 def _unauthorized(message: str) -> ApiError:

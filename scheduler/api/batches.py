@@ -11,14 +11,14 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from fvb_core.db import transitions
+from fvb_core.db.models import Batch, Job, JobStatus, utcnow
+from fvb_core.db.session import session_scope
 from scheduler.api import jobs
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
 from scheduler.api.pagination import keyset_page
 from scheduler.api.validation import BATCH_DEFAULT_PRIORITY, validate_create
-from scheduler.db import transitions
-from scheduler.db.models import Batch, Job, JobStatus, utcnow
-from scheduler.db.session import session_scope
 
 log = logging.getLogger(__name__)
 

@@ -7,17 +7,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from fvb_core.models_config import ServedModel
+from fvb_core.settings import Settings
+from fvb_core.storage import StorageUnavailable, VideoStore
 from scheduler.api.errors import ApiError
-from scheduler.models_config import ServedModel
-from scheduler.settings import Settings
-from scheduler.storage import StorageUnavailable, VideoStore
-
-if TYPE_CHECKING:
-    from scheduler.api.auth import FailedAuthLimiter
+from scheduler.api.throttle import FailedAuthLimiter
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +32,6 @@ class ApiContext:
     _download_slots: threading.BoundedSemaphore = field(default=None, repr=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        from scheduler.api.auth import FailedAuthLimiter
-
         if self.auth_limiter is None:
             self.auth_limiter = FailedAuthLimiter(self.settings.auth_failures_per_minute)
         self._download_slots = threading.BoundedSemaphore(self.settings.max_concurrent_downloads)

@@ -18,12 +18,12 @@ from pydantic import BaseModel
 from sqlalchemy import case, distinct, func, select
 from sqlalchemy.orm import Session
 
+from fvb_core.db.models import Batch, Job, JobStatus, utcnow
+from fvb_core.db.session import session_scope
 from scheduler.api.batches import request_counts
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
 from scheduler.api.schemas import API_STATUS, JOB_STATUSES, ApiStatus, BatchObject, unix
-from scheduler.db.models import Batch, Job, JobStatus, utcnow
-from scheduler.db.session import session_scope
 
 #: Windows (minutes) over which completed jobs per minute are reported.
 THROUGHPUT_WINDOWS_MIN = (10, 60)

@@ -1,6 +1,6 @@
 """What the video routes do to jobs: submit (idempotency, admission, image upload, insert,
 dispatch), find, list, cancel, delete. State changes go through
-:mod:`scheduler.db.transitions`; the routes stay thin and this module never sees HTTP."""
+:mod:`fvb_core.db.transitions`; the routes stay thin and this module never sees HTTP."""
 
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fvb_core.db import transitions
+from fvb_core.db.models import Batch, Job, JobStatus, utcnow
+from fvb_core.db.session import session_scope
+from fvb_core.storage import StorageUnavailable
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
 from scheduler.api.images import input_image_key
 from scheduler.api.pagination import keyset_page
 from scheduler.api.validation import SEED_MAX, VideoRequest
-from scheduler.db import transitions
-from scheduler.db.models import Batch, Job, JobStatus, utcnow
-from scheduler.db.session import session_scope
 from scheduler.dispatch import dispatch
-from scheduler.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fvb_core.db.models import Job, JobStatus
+from fvb_core.db.session import session_scope
 from scheduler.api.context import ApiContext
-from scheduler.db.models import Job, JobStatus
-from scheduler.db.session import session_scope
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 
 from sqlalchemy import text
 
+from fvb_core.db.session import get_engine
 from scheduler.api.context import ApiContext
-from scheduler.db.session import get_engine
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The API's response objects (OpenAI Videos shapes plus our extensions).
 
-Kept apart from the database models: a :class:`~scheduler.db.models.Job` becomes a
+Kept apart from the database models: a :class:`~fvb_core.db.models.Job` becomes a
 :class:`VideoObject` in :meth:`VideoObject.from_job`, the one place that maps job states to
 API states (contract: ``queued | in_progress | completed | failed``, cancelled shows as
 failed with ``error.code = "cancelled"``).
@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from scheduler.db.models import Batch, Job, JobStatus
-from scheduler.models_config import ServedModel
+from fvb_core.db.models import Batch, Job, JobStatus
+from fvb_core.models_config import ServedModel
 
 ApiStatus = Literal["queued", "in_progress", "completed", "failed"]
 

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from fvb_core.models_config import ServedModel
 from scheduler.api.body import check_declared_length, check_text, read_json
 from scheduler.api.errors import ApiError
 from scheduler.api.images import (
@@ -25,7 +26,6 @@ from scheduler.api.images import (
     bytes_from_data_url,
     decode_image,
 )
-from scheduler.models_config import ServedModel
 
 MAX_PROMPT_CHARS = 2000
 GUIDANCE_RANGE = (0.0, 30.0)

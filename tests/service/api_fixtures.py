@@ -20,15 +20,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
+from fvb_core.api_keys import create_api_key
+from fvb_core.db import transitions
+from fvb_core.db.migrate import upgrade
+from fvb_core.db.models import Job, JobEvent
+from fvb_core.db.session import session_scope
+from fvb_core.settings import Settings
+from fvb_core.storage import video_key
+from fvb_tools.localstack.ports import free_port
 from scheduler.api.app import create_app
-from scheduler.api.auth import create_api_key
-from scheduler.db import transitions
-from scheduler.db.migrate import upgrade
-from scheduler.db.models import Job, JobEvent
-from scheduler.db.session import session_scope
-from scheduler.localstack.ports import free_port
-from scheduler.settings import Settings
-from scheduler.storage import video_key
 
 T2V, I2V = "tiny-t2v", "tiny-i2v"
 T2V_POOL, I2V_POOL = "api-test-t2v", "api-test-i2v"

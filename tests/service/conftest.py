@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from scheduler.localstack import (
+from fvb_tools.localstack import (
     RunningService,
     S3Service,
     start_postgres,

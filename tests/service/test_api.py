@@ -14,13 +14,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select, update
 
+from fvb_core.api_keys import create_api_key
+from fvb_core.db import transitions
+from fvb_core.db.models import ApiKey, Batch, Job, utcnow
+from fvb_core.db.session import session_scope
+from fvb_core.storage import video_key
+from fvb_tools.localstack.ports import free_port
 from scheduler.api.app import ConfigurationError, create_app
-from scheduler.api.auth import create_api_key
-from scheduler.db import transitions
-from scheduler.db.models import ApiKey, Batch, Job, utcnow
-from scheduler.db.session import session_scope
-from scheduler.localstack.ports import free_port
-from scheduler.storage import video_key
 
 from .api_fixtures import (
     I2V,

@@ -22,15 +22,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from fvb_core.api_keys import create_api_key
+from fvb_core.db.migrate import upgrade
+from fvb_core.db.models import Job
+from fvb_core.db.session import session_scope
+from fvb_core.storage import spritesheet_key, thumbnail_key
+from fvb_tools.localstack import start_postgres
+from fvb_tools.localstack.ports import free_port
+from fvb_tools.localstack.process import die_with_parent
 from scheduler.api.app import ConfigurationError, create_app
-from scheduler.api.auth import create_api_key
-from scheduler.db.migrate import upgrade
-from scheduler.db.models import Job
-from scheduler.db.session import session_scope
-from scheduler.localstack import start_postgres
-from scheduler.localstack.ports import free_port
-from scheduler.localstack.process import die_with_parent
-from scheduler.storage import spritesheet_key, thumbnail_key
 
 from .api_fixtures import T2V, assert_error, run_to_success, serve, submit
 
@@ -374,7 +374,7 @@ def test_sizes_and_frames_beyond_the_rotary_table_are_refused_at_create(roomy, a
 def test_the_limits_are_the_engines_own(tiny_t2v):
     """The largest size the API accepts renders; one patch more is what the engine refuses."""
     from fastvideo import VideoGenerator
-    from scheduler.models_config import ServedModel, _inspect_folder
+    from fvb_core.models_config import ServedModel, _inspect_folder
 
     served = ServedModel(name="t", path=Path(tiny_t2v), **_inspect_folder(Path(tiny_t2v)))
     generator = VideoGenerator.from_pretrained(tiny_t2v, device="cpu")

@@ -10,11 +10,11 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
+from fvb_core.api_keys import create_api_key
+from fvb_core.db import transitions
+from fvb_core.db.models import Batch, Job
+from fvb_core.db.session import session_scope
 from scheduler.api.app import create_app
-from scheduler.api.auth import create_api_key
-from scheduler.db import transitions
-from scheduler.db.models import Batch, Job
-from scheduler.db.session import session_scope
 
 from .api_fixtures import T2V, T2V_POOL, assert_error, data_url, png_bytes, queued_job_ids, submit
 

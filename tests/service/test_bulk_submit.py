@@ -14,11 +14,11 @@ import time
 import pytest
 from sqlalchemy import select
 
-from scheduler.api.auth import create_api_key
-from scheduler.bulk import read_dataset
-from scheduler.cli import main
-from scheduler.db.models import Job
-from scheduler.db.session import session_scope
+from fvb_core.api_keys import create_api_key
+from fvb_core.db.models import Job
+from fvb_core.db.session import session_scope
+from fvb_tools.bulk import read_dataset
+from fvb_tools.cli import main
 
 from .api_fixtures import T2V, run_to_success
 

@@ -36,9 +36,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from scheduler.cli import _build_parser
-from scheduler.localstack.process import die_with_parent
-from scheduler.settings import Settings
+from fvb_core.settings import Settings
+from fvb_tools.cli import _build_parser
+from fvb_tools.localstack.process import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -492,7 +492,7 @@ def test_no_mounted_file_carries_a_credential():
 
 
 def test_dockerfile_installs_the_service_and_copies_every_package():
-    for package in ("fastvideo", "scheduler", "worker", "migrations"):
+    for package in ("fastvideo", "fvb_core", "scheduler", "worker", "fvb_tools", "migrations"):
         assert f"COPY {package} " in DOCKERFILE
     assert ".[service]" in DOCKERFILE
 
@@ -539,13 +539,13 @@ def test_dependencies_are_installed_before_the_source_is_copied():
 
 
 def test_the_source_install_keeps_migrations_where_fvb_db_upgrade_looks():
-    # scheduler/db/migrate.py: parents[2] of the module, i.e. beside the scheduler package.
+    # fvb_core/db/migrate.py: parents[2] of the module, i.e. beside the scheduler package.
     # An install into site-packages has no migrations/ there; the source tree has.
     final = [
         rest for ins, rest in dockerfile_instructions() if ins == "RUN" and "--no-deps" in rest
     ]
     assert any(re.search(r"(^|\s)(-e|--editable)\s", rest) for rest in final), final
-    from scheduler.db import migrate
+    from fvb_core.db import migrate
 
     assert migrate.MIGRATIONS == ROOT / "migrations"
 

@@ -1,6 +1,6 @@
 """The monitoring dashboard: the static page, and ``/dashboard/data`` computed from jobs put
 into a migrated database (SQLite, then a real PostgreSQL) through the real state machine
-(``scheduler.db.transitions``) on a fake clock, so every count, duration and percentile is
+(``fvb_core.db.transitions``) on a fake clock, so every count, duration and percentile is
 known exactly.
 
 Storage and broker are not needed here (the dashboard reads only the database): the app is
@@ -20,15 +20,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, event, update
 
+from fvb_core.api_keys import create_api_key
+from fvb_core.db import transitions
+from fvb_core.db.migrate import upgrade
+from fvb_core.db.models import Batch, Job
+from fvb_core.db.session import get_engine, session_scope
+from fvb_core.settings import Settings
+from fvb_tools.localstack.ports import free_port
+from fvb_tools.localstack.postgres import create_database
 from scheduler.api.app import create_app
-from scheduler.api.auth import create_api_key
-from scheduler.db import transitions
-from scheduler.db.migrate import upgrade
-from scheduler.db.models import Batch, Job
-from scheduler.db.session import get_engine, session_scope
-from scheduler.localstack.ports import free_port
-from scheduler.localstack.postgres import create_database
-from scheduler.settings import Settings
 
 T2V, I2V = "tiny-t2v", "tiny-i2v"
 T2V_POOL, I2V_POOL = "dash-t2v", "dash-i2v"
@@ -174,7 +174,7 @@ def jobs(settings, keys) -> dict[str, str]:
     """acme's history (13 listed jobs, one deleted) and a little of globex's."""
     clock = Clock()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("scheduler.db.transitions.utcnow", clock)
+        patch.setattr("fvb_core.db.transitions.utcnow", clock)
         h = History(settings.database_url, clock)
         ids: dict[str, str] = {}
         # Succeeded: run times 100 s (3 h ago, outside every window), 40, 20 and 30 s.
@@ -504,7 +504,7 @@ def test_table_holds_the_newest_50_in_the_same_few_queries(client, keys, setting
 def test_deleted_videos_leave_the_table_but_still_count_as_work_done(client, keys, settings):
     clock = Clock()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("scheduler.db.transitions.utcnow", clock)
+        patch.setattr("fvb_core.db.transitions.utcnow", clock)
         history = History(settings.database_url, clock)
         job_id = history.run("umbrella", created=100, claimed=90, done=60, worker="w-u")
         history.delete(job_id, ago(30))
@@ -523,7 +523,7 @@ def test_batches_show_newest_first_with_their_videos_by_state(client, keys, sett
     clock = Clock()
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr("scheduler.db.transitions.utcnow", clock)
+            patch.setattr("fvb_core.db.transitions.utcnow", clock)
             h = History(settings.database_url, clock)
             with session_scope(settings.database_url) as session:
                 session.add_all([

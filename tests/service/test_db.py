@@ -9,11 +9,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select
 
-from scheduler.db import transitions
-from scheduler.db.migrate import downgrade, upgrade
-from scheduler.db.models import Base, Job, JobEvent
-from scheduler.db.session import session_scope
-from scheduler.localstack.postgres import create_database
+from fvb_core.db import transitions
+from fvb_core.db.migrate import downgrade, upgrade
+from fvb_core.db.models import Base, Job, JobEvent
+from fvb_core.db.session import session_scope
+from fvb_tools.localstack.postgres import create_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -13,10 +13,10 @@ from openai import OpenAI
 from PIL import Image
 from sqlalchemy import select
 
-from scheduler.db.models import Job
-from scheduler.db.session import session_scope
-from scheduler.localstack.demo import SAMPLES, run_demo
-from scheduler.localstack.stack import LocalStack
+from fvb_core.db.models import Job
+from fvb_core.db.session import session_scope
+from fvb_tools.localstack.demo import SAMPLES, run_demo
+from fvb_tools.localstack.stack import LocalStack
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import json
 
 from sqlalchemy import select
 
-from scheduler.db.models import Job
-from scheduler.db.session import session_scope
+from fvb_core.db.models import Job
+from fvb_core.db.session import session_scope
 from scheduler.dispatch import redis_priority
 
 from .api_fixtures import T2V, T2V_POOL, submit

@@ -23,9 +23,9 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from scheduler.localstack.process import die_with_parent
+from fvb_tools.localstack.process import die_with_parent
 
-FVB = [sys.executable, "-m", "scheduler.cli"]
+FVB = [sys.executable, "-m", "fvb_tools.cli"]
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,9 +56,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragm
 def test_db_upgrade_then_keys_create_gives_a_key_the_api_accepts(tmp_path):
     from fastapi.testclient import TestClient
 
+    from fvb_core.models_config import write_models_config
+    from fvb_core.settings import Settings
     from scheduler.api.app import create_app
-    from scheduler.models_config import write_models_config
-    from scheduler.settings import Settings
 
     url = f"sqlite:///{tmp_path / 'fvb.db'}"
     env = {"FVB_DATABASE_URL": url, "FVB_DATA_DIR": str(tmp_path / "no-stack")}
@@ -130,8 +130,8 @@ def test_version_and_help_show_defaults():
 
 
 def test_scheduler_logs_its_info_lines(tmp_path, tiny_t2v):
-    from scheduler.db.migrate import upgrade
-    from scheduler.models_config import write_models_config
+    from fvb_core.db.migrate import upgrade
+    from fvb_core.models_config import write_models_config
 
     url = f"sqlite:///{tmp_path / 'fvb.db'}"
     upgrade(url)
@@ -315,6 +315,6 @@ def test_fvb_up_stopped_or_killed_leaves_no_child_behind(tmp_path, how):
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, [p.cmdline() for p in alive]
     # And the data dir is free for the next start.
-    from scheduler.localstack.data_dir import holder_pid
+    from fvb_tools.localstack.data_dir import holder_pid
 
     assert holder_pid(tmp_path / "stack") is None

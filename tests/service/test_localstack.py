@@ -18,7 +18,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from scheduler.localstack import (
+from fvb_tools.localstack import (
     RunningService,
     S3Service,
     start_postgres,

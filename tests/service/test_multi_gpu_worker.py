@@ -19,11 +19,11 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from scheduler.db import transitions
-from scheduler.db.migrate import upgrade
-from scheduler.db.models import Job
-from scheduler.db.session import session_scope
-from scheduler.settings import Settings
+from fvb_core.db import transitions
+from fvb_core.db.migrate import upgrade
+from fvb_core.db.models import Job
+from fvb_core.db.session import session_scope
+from fvb_core.settings import Settings
 
 from .test_worker import (
     SLOW,
@@ -115,7 +115,7 @@ def ranks_of(worker: WorkerProcess, model: str) -> list[int]:
     ],
 )
 def test_models_the_worker_cannot_lay_out_fail_to_load(tmp_path, cache, model, message):
-    from scheduler.models_config import ServedModel
+    from fvb_core.models_config import ServedModel
     from worker.pipeline_cache import PipelineCache
 
     with pytest.raises(ValueError, match=message):

@@ -14,13 +14,13 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from scheduler.db import transitions
-from scheduler.db.migrate import upgrade
-from scheduler.db.models import Job, JobEvent, utcnow
-from scheduler.db.session import session_scope
-from scheduler.localstack.ports import free_port
+from fvb_core.db import transitions
+from fvb_core.db.migrate import upgrade
+from fvb_core.db.models import Job, JobEvent, utcnow
+from fvb_core.db.session import session_scope
+from fvb_core.settings import Settings
+from fvb_tools.localstack.ports import free_port
 from scheduler.reaper import run_reaper, run_reaper_once
-from scheduler.settings import Settings
 
 MODEL, POOL = "tiny-t2v", "reaper-test"
 QUEUE = f"gpu.{POOL}"

@@ -37,22 +37,22 @@ from sqlalchemy import create_engine, select, text
 
 from fastvideo.pipelines.pipeline_batch_info import StepProgress
 from fastvideo.testing.tiny_wan import TinyWanConfig, save_tiny_wan
-from scheduler.celery_config import RENDER_TASK, make_celery, queue_for_pool
-from scheduler.db import transitions
-from scheduler.db.migrate import upgrade
-from scheduler.db.models import Job, JobEvent
-from scheduler.db.session import session_scope
-from scheduler.dispatch import dispatch
-from scheduler.localstack.process import die_with_parent
-from scheduler.models_config import ServedModel
-from scheduler.settings import Settings
-from scheduler.storage import (
+from fvb_core.db import transitions
+from fvb_core.db.migrate import upgrade
+from fvb_core.db.models import Job, JobEvent
+from fvb_core.db.session import session_scope
+from fvb_core.models_config import ServedModel
+from fvb_core.queue import RENDER_TASK, make_celery, queue_for_pool
+from fvb_core.settings import Settings
+from fvb_core.storage import (
     VideoStore,
     sidecar_key,
     spritesheet_key,
     thumbnail_key,
     video_key,
 )
+from fvb_tools.localstack.process import die_with_parent
+from scheduler.dispatch import dispatch
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)

@@ -23,12 +23,12 @@ import psutil
 import pytest
 
 from fastvideo.entrypoints.video_generator import GenerationResult
-from scheduler.db import transitions
-from scheduler.db.models import Job
-from scheduler.db.session import session_scope
-from scheduler.localstack import start_postgres
+from fvb_core.db import transitions
+from fvb_core.db.models import Job
+from fvb_core.db.session import session_scope
+from fvb_core.storage import sidecar_key, video_key
+from fvb_tools.localstack import start_postgres
 from scheduler.reaper import run_reaper_once
-from scheduler.storage import sidecar_key, video_key
 
 from .test_worker import (
     SLOW,

@@ -19,6 +19,8 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
+from fvb_core.db.models import Job, JobStatus
+from fvb_core.storage import StorageUnavailable, spritesheet_key, thumbnail_key
 from scheduler.api import jobs
 from scheduler.api.auth import Tenant
 from scheduler.api.context import ApiContext, get_context
@@ -27,8 +29,6 @@ from scheduler.api.openapi import CREATE_VIDEO_BODY, errors
 from scheduler.api.pagination import LIMIT_RANGE, check_limit
 from scheduler.api.schemas import JOB_STATUSES, VideoDeleted, VideoList, VideoObject
 from scheduler.api.validation import read_create_body, validate_create
-from scheduler.db.models import Job, JobStatus
-from scheduler.storage import StorageUnavailable, spritesheet_key, thumbnail_key
 
 router = APIRouter(prefix="/v1", tags=["videos"], responses=errors(401, 403, 429, 500, 503))
 

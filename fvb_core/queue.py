@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from scheduler.settings import Settings
+from fvb_core.settings import Settings
 
 RENDER_TASK = "fvb.render"
 

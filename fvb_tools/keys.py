@@ -11,9 +11,9 @@ from datetime import datetime
 
 from sqlalchemy import or_, select, update
 
-from scheduler.api.auth import create_api_key
-from scheduler.db.models import ApiKey, utcnow
-from scheduler.db.session import session_scope
+from fvb_core.api_keys import create_api_key
+from fvb_core.db.models import ApiKey, utcnow
+from fvb_core.db.session import session_scope
 
 
 @dataclass(frozen=True)

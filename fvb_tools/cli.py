@@ -154,8 +154,8 @@ def _configure_logging() -> None:
 
 
 def _up(ns: argparse.Namespace) -> int:
-    from scheduler.localstack.stack import LocalStack
-    from scheduler.settings import get_settings
+    from fvb_core.settings import get_settings
+    from fvb_tools.localstack.stack import LocalStack
 
     settings = get_settings()
     stack = LocalStack(
@@ -217,8 +217,8 @@ def _display_url(url: str) -> str:
 def _api() -> int:
     import uvicorn
 
+    from fvb_core.settings import get_settings
     from scheduler.api.app import ConfigurationError, create_app
-    from scheduler.settings import get_settings
 
     settings = get_settings()
     try:
@@ -230,8 +230,8 @@ def _api() -> int:
 
 
 def _scheduler() -> int:
+    from fvb_core.settings import get_settings
     from scheduler.reaper import run_reaper
-    from scheduler.settings import get_settings
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -254,8 +254,8 @@ def _worker(ns: argparse.Namespace) -> int:
 
 
 def _db(ns: argparse.Namespace) -> int:
-    from scheduler.db.migrate import upgrade
-    from scheduler.settings import get_settings
+    from fvb_core.db.migrate import upgrade
+    from fvb_core.settings import get_settings
 
     url = get_settings().database_url
     upgrade(url)
@@ -264,8 +264,8 @@ def _db(ns: argparse.Namespace) -> int:
 
 
 def _keys(ns: argparse.Namespace) -> int:
-    from scheduler import keys
-    from scheduler.settings import get_settings
+    from fvb_core.settings import get_settings
+    from fvb_tools import keys
 
     url = get_settings().database_url
     if ns.keys_command == "create":
@@ -284,8 +284,8 @@ def _keys(ns: argparse.Namespace) -> int:
 def _submit(ns: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from scheduler import bulk
-    from scheduler.settings import get_settings
+    from fvb_core.settings import get_settings
+    from fvb_tools import bulk
 
     settings = get_settings()
     api_url = ns.api_url or settings.api_url
@@ -326,8 +326,8 @@ def _submit(ns: argparse.Namespace) -> int:
 
 def _use_running_stack(data_dir: Path) -> None:
     """Fill in what the environment leaves unset from the stack running in ``data_dir``."""
-    from scheduler.localstack.data_dir import holder_pid, read_live_env
-    from scheduler.settings import get_settings
+    from fvb_core.settings import get_settings
+    from fvb_tools.localstack.data_dir import holder_pid, read_live_env
 
     values = read_live_env(data_dir)
     if not values:
@@ -344,8 +344,8 @@ def _describe(err: BaseException) -> tuple[int, str] | None:
     from pydantic import ValidationError
     from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
-    from scheduler.localstack.data_dir import DataDirInUse
-    from scheduler.localstack.process import ServiceStartError
+    from fvb_tools.localstack.data_dir import DataDirInUse
+    from fvb_tools.localstack.process import ServiceStartError
 
     if isinstance(err, ValidationError):  # a ValueError too: first
         problems = "; ".join(
@@ -360,7 +360,7 @@ def _describe(err: BaseException) -> tuple[int, str] | None:
         first, _, _ = str(err).partition("\n")
         return 1, f"{first} (its log is under the data dir's logs/)"
     if isinstance(err, OperationalError | ProgrammingError | DBAPIError):
-        from scheduler.settings import get_settings
+        from fvb_core.settings import get_settings
 
         url = _display_url(get_settings().database_url)
         reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command in ("api", "scheduler"):
             _configure_logging()
         if ns.command in _CLIENT_COMMANDS:
-            from scheduler.settings import get_settings
+            from fvb_core.settings import get_settings
 
             _use_running_stack(get_settings().data_dir)
         return handlers[ns.command]()

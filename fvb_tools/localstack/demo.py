@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scheduler.localstack.stack import LocalStack
+from fvb_tools.localstack.stack import LocalStack
 
 SAMPLES = [
     ("tiny-wan-t2v", "a red panda eating bamboo in the snow", False),

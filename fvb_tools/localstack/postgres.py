@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from scheduler.localstack.ports import HOST, free_port
-from scheduler.localstack.process import ManagedProcess
-from scheduler.localstack.services import RunningService, launch
+from fvb_tools.localstack.ports import HOST, free_port
+from fvb_tools.localstack.process import ManagedProcess
+from fvb_tools.localstack.services import RunningService, launch
 
 log = logging.getLogger(__name__)
 

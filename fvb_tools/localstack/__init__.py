@@ -9,12 +9,12 @@ started as a child process on free 127.0.0.1 ports with its data in a directory 
 Every service can `stop()`, `restart()` (same port, same data) and `pause()`/`resume()`.
 """
 
-from scheduler.localstack.ports import free_port, free_ports
-from scheduler.localstack.postgres import start_postgres
-from scheduler.localstack.process import ManagedProcess, ServiceStartError
-from scheduler.localstack.seaweed import start_seaweedfs
-from scheduler.localstack.services import RunningService, S3Service
-from scheduler.localstack.valkey import start_valkey
+from fvb_tools.localstack.ports import free_port, free_ports
+from fvb_tools.localstack.postgres import start_postgres
+from fvb_tools.localstack.process import ManagedProcess, ServiceStartError
+from fvb_tools.localstack.seaweed import start_seaweedfs
+from fvb_tools.localstack.services import RunningService, S3Service
+from fvb_tools.localstack.valkey import start_valkey
 
 __all__ = [
     "ManagedProcess",

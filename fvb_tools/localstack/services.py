@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from scheduler.localstack.process import ManagedProcess, ServiceStartError
+from fvb_tools.localstack.process import ManagedProcess, ServiceStartError
 
 log = logging.getLogger(__name__)
 

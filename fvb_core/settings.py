@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
     s3_bucket: str = "fvb-videos"
-    #: TOML file naming the models this deployment serves (see scheduler/models_config.py).
+    #: TOML file naming the models this deployment serves (see fvb_core/models_config.py).
     models_config: Path = Path("models.toml")
 
     # API.

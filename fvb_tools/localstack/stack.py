@@ -17,12 +17,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scheduler.localstack.data_dir import DataDirLock, write_env
-from scheduler.localstack.ports import HOST, free_port
-from scheduler.localstack.process import ManagedProcess, ServiceStartError, stop_together
-from scheduler.localstack.seaweed import start_seaweedfs
-from scheduler.localstack.services import RunningService
-from scheduler.localstack.valkey import start_valkey
+from fvb_tools.localstack.data_dir import DataDirLock, write_env
+from fvb_tools.localstack.ports import HOST, free_port
+from fvb_tools.localstack.process import ManagedProcess, ServiceStartError, stop_together
+from fvb_tools.localstack.seaweed import start_seaweedfs
+from fvb_tools.localstack.services import RunningService
+from fvb_tools.localstack.valkey import start_valkey
 
 DEV_TENANT = "dev"
 
@@ -64,7 +64,7 @@ def _demo_models_config(data_dir: Path) -> Path:
     from diffusers.utils import logging as diffusers_logging
 
     from fastvideo.testing.tiny_wan import TinyWanConfig, save_tiny_wan
-    from scheduler.models_config import write_models_config
+    from fvb_core.models_config import write_models_config
 
     diffusers_logging.disable_progress_bar()  # tiny files: the bars would only be noise
 
@@ -123,7 +123,7 @@ class LocalStack:
         s3 = start_seaweedfs(self.data_dir / "s3", "fvb-local", secret)
         self._services.append(s3)
         if self.postgres:
-            from scheduler.localstack.postgres import start_postgres
+            from fvb_tools.localstack.postgres import start_postgres
 
             pg = start_postgres(self.data_dir / "postgres")
             self._services.append(pg)
@@ -141,12 +141,12 @@ class LocalStack:
             "FVB_API_HOST": HOST,
             **self.extra_env,
         }
-        from scheduler.db.migrate import upgrade
+        from fvb_core.db.migrate import upgrade
 
         upgrade(database_url)
         dev_key = self._dev_key(database_url)
 
-        cli = [sys.executable, "-m", "scheduler.cli"]
+        cli = [sys.executable, "-m", "fvb_tools.cli"]
         child_env = {**os.environ, **env}
         self._spawn("scheduler", [*cli, "scheduler"], child_env)
         placement = ["--device", self.device] if self.device else []
@@ -225,8 +225,8 @@ class LocalStack:
             stored = json.loads(path.read_text())
             if stored.get("database_url") == database_url:
                 return stored["key"]
-        from scheduler.api.auth import create_api_key
-        from scheduler.db.session import session_scope
+        from fvb_core.api_keys import create_api_key
+        from fvb_core.db.session import session_scope
 
         with session_scope(database_url) as session:
             key = create_api_key(session, DEV_TENANT, name="local stack dev key")

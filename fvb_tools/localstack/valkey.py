@@ -7,9 +7,9 @@ import platform
 import socket
 from pathlib import Path
 
-from scheduler.localstack.ports import HOST, free_port
-from scheduler.localstack.process import ManagedProcess
-from scheduler.localstack.services import RunningService, launch
+from fvb_tools.localstack.ports import HOST, free_port
+from fvb_tools.localstack.process import ManagedProcess
+from fvb_tools.localstack.services import RunningService, launch
 
 
 def valkey_binary() -> Path:

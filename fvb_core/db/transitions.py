@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session
 
-from scheduler.db.models import Job, JobEvent, JobStatus, utcnow
+from fvb_core.db.models import Job, JobEvent, JobStatus, utcnow
 
 QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
 SUCCEEDED, FAILED, CANCELLED = (

@@ -22,7 +22,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from scheduler.settings import Settings
+from fvb_core.settings import Settings
 
 
 class StorageUnavailable(RuntimeError):

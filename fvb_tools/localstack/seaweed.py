@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
-from scheduler.localstack.ports import HOST, free_ports
-from scheduler.localstack.process import ManagedProcess
-from scheduler.localstack.services import S3Service, launch
+from fvb_tools.localstack.ports import HOST, free_ports
+from fvb_tools.localstack.process import ManagedProcess
+from fvb_tools.localstack.services import S3Service, launch
 
 # Ports weed must be told about; a grpc port left at 0 would become http port + 10000.
 _PORT_FLAGS = (
