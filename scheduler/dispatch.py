@@ -17,8 +17,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fvb_core.db import transitions
-from fvb_core.db.models import Job, JobStatus
+from fvb_core.db.models import Job
 from fvb_core.db.session import session_scope
+from fvb_core.jobs import JobStatus
 from fvb_core.queue import RENDER_TASK, make_celery, queue_for_pool
 from fvb_core.settings import Settings
 

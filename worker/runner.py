@@ -71,6 +71,7 @@ from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled
 from fastvideo.utils.video_io import frames_to_uint8, write_mp4
 from fvb_core.db import transitions
 from fvb_core.db.session import session_scope
+from fvb_core.jobs import JobParams
 from fvb_core.models_config import ServedModel, load_models_config
 from fvb_core.settings import Settings
 from fvb_core.storage import (
@@ -102,18 +103,6 @@ log = logging.getLogger(__name__)
 #: before it claims (and so before the worker takes another message).
 MAX_FINISHING = 2
 
-#: Job.params keys passed to ``generate_video`` as they are (``prompt`` is checked apart).
-GENERATE_PARAMS = (
-    "negative_prompt",
-    "height",
-    "width",
-    "num_frames",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-    "fps",
-)
-
 T = TypeVar("T")
 
 
@@ -121,14 +110,6 @@ def make_worker_id(settings: Settings) -> str:
     """``hostname:pid:gpus`` of the process that runs jobs (the pool child)."""
     group = settings.worker_gpus or settings.worker_device or "auto"
     return f"{socket.gethostname()}:{os.getpid()}:{group}"
-
-
-def generation_kwargs(params: dict[str, Any]) -> dict[str, Any]:
-    prompt = params.get("prompt")
-    if not isinstance(prompt, str):
-        raise ValueError(f"params.prompt must be a string, got {type(prompt).__name__}")
-    kwargs = {key: params[key] for key in GENERATE_PARAMS if params.get(key) is not None}
-    return {"prompt": prompt, **kwargs}
 
 
 # -- objects of an attempt -------------------------------------------------------------------
@@ -256,7 +237,7 @@ class JobRunner:
         if liveness.should_stop:
             return self._stop(claim, liveness)
         try:
-            kwargs = generation_kwargs(claim.params)
+            kwargs = JobParams.from_json(claim.params).generation_kwargs()
             image = self._input_image(claim, liveness)
             started = time.perf_counter()
             result = generator.generate_video(
@@ -318,7 +299,7 @@ class JobRunner:
 
     def _input_image(self, claim: transitions.Claim, liveness: AttemptLiveness) -> Any:
         """The image-to-video input (a PNG the API stored), as a PIL image; None for T2V."""
-        key = claim.params.get("input_image_key")
+        key = JobParams.from_json(claim.params).input_image_key
         if not key:
             return None
 

@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session
 
-from fvb_core.db.models import Job, JobEvent, JobStatus, utcnow
+from fvb_core.db.models import Job, JobEvent, utcnow
+from fvb_core.jobs import JobStatus
 
 QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
 SUCCEEDED, FAILED, CANCELLED = (

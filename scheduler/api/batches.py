@@ -12,8 +12,9 @@ from typing import Any
 from sqlalchemy import func, select
 
 from fvb_core.db import transitions
-from fvb_core.db.models import Batch, Job, JobStatus, utcnow
+from fvb_core.db.models import Batch, Job, utcnow
 from fvb_core.db.session import session_scope
+from fvb_core.jobs import UNFINISHED_STATUSES, BatchStatus, JobStatus
 from scheduler.api import jobs
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
@@ -26,8 +27,7 @@ log = logging.getLogger(__name__)
 #: (``fvb submit`` does).
 MAX_BATCH_REQUESTS = 1000
 MAX_METADATA_ITEMS = 16
-CANCELLED = "cancelled"
-_UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+_UNFINISHED = tuple(UNFINISHED_STATUSES)
 
 
 def new_batch_id() -> str:
@@ -97,7 +97,7 @@ def create(context: ApiContext, tenant: str, body: Any) -> Batch:
     batch = Batch(
         id=batch_id,
         tenant=tenant,
-        status="open",
+        status=BatchStatus.OPEN,
         params={"metadata": metadata} if metadata else None,
         created_at=now,
         updated_at=now,
@@ -171,7 +171,7 @@ def cancel(context: ApiContext, tenant: str, batch_id: str) -> Batch:
         session.execute(
             Batch.__table__.update()
             .where(Batch.id == batch_id)
-            .values(status=CANCELLED, updated_at=utcnow())
+            .values(status=BatchStatus.CANCELLED, updated_at=utcnow())
         )
     with session_scope(context.settings.database_url) as session:
         unfinished = list(

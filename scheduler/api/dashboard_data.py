@@ -18,8 +18,9 @@ from pydantic import BaseModel
 from sqlalchemy import case, distinct, func, select
 from sqlalchemy.orm import Session
 
-from fvb_core.db.models import Batch, Job, JobStatus, utcnow
+from fvb_core.db.models import Batch, Job, utcnow
 from fvb_core.db.session import session_scope
+from fvb_core.jobs import JobStatus
 from scheduler.api.batches import request_counts
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError

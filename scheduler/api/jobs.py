@@ -17,8 +17,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fvb_core.db import transitions
-from fvb_core.db.models import Batch, Job, JobStatus, utcnow
+from fvb_core.db.models import Batch, Job, utcnow
 from fvb_core.db.session import session_scope
+from fvb_core.jobs import BatchStatus, JobParams, JobStatus
 from fvb_core.storage import StorageUnavailable
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
@@ -73,7 +74,7 @@ def _admit(session: Session, context: ApiContext, tenant: str, request: VideoReq
         ).scalar_one_or_none()
         if status is None:
             raise ApiError.not_found(f"No batch found with id '{request.batch_id}'", "batch_id")
-        if status == "cancelled":
+        if status == BatchStatus.CANCELLED:
             raise ApiError(
                 409,
                 f"batch '{request.batch_id}' was cancelled; it takes no new videos",
@@ -141,7 +142,7 @@ def submit(
 
     job = new_job(context, tenant, request, idempotency_key)
     job_id = job.id
-    image_key = job.params.get("image_key")
+    image_key = JobParams.from_json(job.params).input_image_key
     try:
         with session_scope(settings.database_url) as session:
             transitions.create_job(session, job)
@@ -173,7 +174,7 @@ def new_job(
         id=job_id,
         tenant=tenant,
         model=request.model.name,
-        params=request.job_params(seed, image_key),
+        params=request.job_params(seed, image_key).to_json(),
         priority=request.priority,
         max_attempts=context.settings.job_max_attempts,
         idempotency_key=idempotency_key,

@@ -16,8 +16,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fvb_core.db.models import Job, JobStatus
+from fvb_core.db.models import Job
 from fvb_core.db.session import session_scope
+from fvb_core.jobs import JobStatus
 from scheduler.api.context import ApiContext
 
 log = logging.getLogger(__name__)

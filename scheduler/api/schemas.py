@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from fvb_core.db.models import Batch, Job, JobStatus
+from fvb_core.db.models import Batch, Job
+from fvb_core.jobs import BatchStatus, JobParams, JobStatus
 from fvb_core.models_config import ServedModel
 
 ApiStatus = Literal["queued", "in_progress", "completed", "failed"]
@@ -37,20 +38,6 @@ JOB_STATUSES: dict[str, tuple[str, ...]] = {
 
 def unix(moment: datetime | None) -> int | None:
     return int(moment.timestamp()) if moment is not None else None
-
-
-def _size(params: dict[str, Any]) -> str:
-    width, height = params.get("width"), params.get("height")
-    return f"{width}x{height}" if width and height else ""
-
-
-def _seconds(params: dict[str, Any]) -> str:
-    if params.get("seconds") is not None:
-        return str(params["seconds"])
-    frames, fps = params.get("num_frames"), params.get("fps")
-    if frames and fps:  # a producer that did not record the requested duration
-        return f"{frames / fps:.3f}".rstrip("0").rstrip(".")
-    return ""
 
 
 class VideoError(BaseModel):
@@ -92,8 +79,8 @@ class VideoObject(BaseModel):
 
     @classmethod
     def from_job(cls, job: Job, bucket: str) -> VideoObject:
-        params = job.params or {}
-        final = job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        params = JobParams.from_json(job.params)
+        final = JobStatus(job.status).is_final
         error = None
         # A queued job may carry the error of a failed earlier attempt; only a final
         # failure is the video's error.
@@ -118,17 +105,17 @@ class VideoObject(BaseModel):
             created_at=unix(job.created_at) or 0,
             completed_at=unix(job.finished_at) if final else None,
             expires_at=None,
-            prompt=params.get("prompt"),
-            size=_size(params),
-            seconds=_seconds(params),
+            prompt=params.prompt,
+            size=params.size,
+            seconds=params.shown_seconds,
             error=error,
-            num_frames=params.get("num_frames"),
-            fps=params.get("fps"),
-            num_inference_steps=params.get("num_inference_steps"),
-            guidance_scale=params.get("guidance_scale"),
-            seed=params.get("seed"),
+            num_frames=params.num_frames,
+            fps=params.fps,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            seed=params.seed,
             priority=job.priority,
-            metadata=params.get("metadata") or None,
+            metadata=params.metadata or None,
             batch_id=job.batch_id,
             cancel_requested=bool(job.cancel_requested),
             output=output,
@@ -224,7 +211,7 @@ class BatchObject(BaseModel):
     @classmethod
     def from_batch(cls, batch: Batch, counts: dict[str, int]) -> BatchObject:
         unfinished = counts["queued"] + counts["in_progress"]
-        if batch.status == "cancelled":
+        if batch.status == BatchStatus.CANCELLED:
             status = "cancelling" if unfinished else "cancelled"
         else:
             status = "in_progress" if unfinished or not counts["total"] else "completed"

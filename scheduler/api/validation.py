@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from fvb_core.jobs import JobParams
 from fvb_core.models_config import ServedModel
 from scheduler.api.body import check_declared_length, check_text, read_json
 from scheduler.api.errors import ApiError
@@ -178,24 +179,22 @@ class VideoRequest:
         canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def job_params(self, seed: int, input_image_key: str | None) -> dict[str, Any]:
-        """``Job.params``: what the worker reads (keys listed in scheduler/api/README.md)."""
-        params: dict[str, Any] = {
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "width": self.width,
-            "height": self.height,
-            "num_frames": self.num_frames,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "seed": seed,
-            "fps": self.fps,
-            "seconds": self.seconds,
-            "metadata": self.metadata,
-        }
-        if input_image_key is not None:
-            params["input_image_key"] = input_image_key
-        return params
+    def job_params(self, seed: int, input_image_key: str | None) -> JobParams:
+        """The job's parameters, every field recorded: what the worker renders."""
+        return JobParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=self.width,
+            height=self.height,
+            num_frames=self.num_frames,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=seed,
+            fps=self.fps,
+            seconds=self.seconds,
+            metadata=self.metadata,
+            input_image_key=input_image_key,
+        )
 
 
 def _given(fields: dict[str, Any], name: str) -> bool:

@@ -19,7 +19,8 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from fvb_core.db.models import Job, JobStatus
+from fvb_core.db.models import Job
+from fvb_core.jobs import JobStatus
 from fvb_core.storage import StorageUnavailable, spritesheet_key, thumbnail_key
 from scheduler.api import jobs
 from scheduler.api.auth import Tenant
