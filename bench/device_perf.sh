@@ -43,7 +43,7 @@ CUDA_VISIBLE_DEVICES=0 timeout 60 python3 -m pytest -q -p no:cacheprovider \
     timeout 120 python3 -m bench.dit_step --shape 1.3b --sta 3,3,3 --sta-only --compile \
       --json "$OUT/dit_sta_tuned.json"
     unset FASTVIDEO_FLEX_KERNEL_OPTIONS
-    timeout 60 python3 -m fastvideo.testing.random_wan "$B" --cached --size 1.3b | grep -E 'wan2|write_s'
+    timeout 60 python3 -m bench.random_wan "$B" --cached --size 1.3b | grep -E 'wan2|write_s'
     timeout 170 python3 -m bench.quality --build-dir "$B" --steps 20 --prompts 1 \
       --configs dense,cache:0.3,cache:0.6 --json "$OUT/quality_cache.json"
   } >"$OUT/gpu1.log" 2>&1

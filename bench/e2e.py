@@ -1,7 +1,7 @@
 """End-to-end text-to-video: ours (``VideoGenerator``) vs ``diffusers.WanPipeline``, same
 model folder, same seed, same GPU, same process, one after the other.
 
-Default: a random-weight Wan2.1-T2V-1.3B folder (``fastvideo.testing.random_wan``; speed does
+Default: a random-weight Wan2.1-T2V-1.3B folder (``bench.random_wan``; speed does
 not depend on the values), 81 frames at 480x832, 50 steps, guidance 5.0 (two DiT forwards a
 step). Both load the DiT and UMT5 in bf16 and the VAE in fp32, as the model card does.
 
@@ -109,7 +109,7 @@ def model_folder(ns: argparse.Namespace, size: str) -> Path:
     (reused when already complete), or under a temporary directory."""
     if ns.model_folder:
         return Path(ns.model_folder)
-    from fastvideo.testing.random_wan import cached_random_wan
+    from bench.random_wan import cached_random_wan
 
     root = ns.build_dir
     if root is None:
@@ -123,7 +123,7 @@ def model_folder(ns: argparse.Namespace, size: str) -> Path:
 
 
 def request_shape(ns: argparse.Namespace, size: str) -> tuple[int, int, int]:
-    from fastvideo.testing.random_wan import VIDEO_SHAPES
+    from bench.random_wan import VIDEO_SHAPES
 
     frames, height, width = VIDEO_SHAPES[size]
     return ns.frames or frames, ns.height or height, ns.width or width

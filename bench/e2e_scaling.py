@@ -4,7 +4,7 @@ For each model size and GPU count, ``VideoGenerator.from_pretrained(folder, num_
 sp_size=..., cfg_parallel=..., tp_size=...)`` starts N rank processes (N = 1: the pipeline
 runs in this process), a warm-up request runs, then one measured request: prompt encoding,
 every denoising step, VAE decode (split over the ranks), frames back to this process, mp4.
-Random-weight Wan2.1 folders (``fastvideo.testing.random_wan``): the 1.3B shape at 81x480x832
+Random-weight Wan2.1 folders (``bench.random_wan``): the 1.3B shape at 81x480x832
 and the 14B shape at 81x720x1280, guidance 5.0 (two DiT forwards a step), DiT and UMT5 in
 bf16, VAE in fp32.
 

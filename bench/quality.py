@@ -7,7 +7,7 @@ decoded frames against dense (mean over prompts), and for step caching the DiT f
 computed and skipped. s / step is the mean (denoise s / steps): with step caching the steps
 are not alike, and a median would show a computed or a skipped step, not the average.
 
-With random weights (``fastvideo.testing.random_wan``) the videos are not pictures, so the
+With random weights (``bench.random_wan``) the videos are not pictures, so the
 fidelity figures measure how far each option moves the output, not how good it looks; on a
 real checkpoint the same command gives the real trade-off.
 

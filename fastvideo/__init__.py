@@ -1,6 +1,7 @@
 """FastVideo engine: diffusers-format video diffusion models as composable, parallel pipelines.
 
-``fastvideo`` never imports the service packages (``scheduler``, ``worker``).
+``fastvideo`` never imports the service packages (``scheduler``, ``worker``, ``fvb_core``,
+``fvb_tools``; ``tests/test_import_layers.py`` checks).
 """
 
 from typing import TYPE_CHECKING

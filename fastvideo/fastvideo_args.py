@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from fastvideo.attention.sta_mask import SlidingTileConfig
+from fastvideo.attention.selector import backend_from_name
+from fastvideo.attention.sta_mask import SlidingTileConfig
 
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -105,8 +104,6 @@ class FastVideoArgs:
             except RuntimeError:
                 raise ValueError(f"device={self.device!r} is not a torch device string") from None
         if self.attention_backend is not None:
-            from fastvideo.attention.selector import backend_from_name
-
             backend_from_name(self.attention_backend, "attention_backend")
         if not isinstance(self.enable_torch_compile, bool):
             raise ValueError(
@@ -127,8 +124,6 @@ class FastVideoArgs:
 
     def sliding_tile_config(self) -> SlidingTileConfig:
         """``sta_tile`` / ``sta_window`` as the attention layers take them (validated)."""
-        from fastvideo.attention.sta_mask import SlidingTileConfig
-
         return SlidingTileConfig(tile=self.sta_tile, window=self.sta_window)
 
     def _validate_layout(self) -> None:

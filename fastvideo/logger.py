@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
+
+from fastvideo import envs
 
 _configured = False
 
@@ -18,7 +19,7 @@ def init_logger(name: str) -> logging.Logger:
                 logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s")
             )
             root.addHandler(handler)
-        root.setLevel(os.environ.get("FASTVIDEO_LOG_LEVEL", "WARNING").upper())
+        root.setLevel(envs.FASTVIDEO_LOG_LEVEL.get())
         root.propagate = False
         _configured = True
     return logging.getLogger(name)

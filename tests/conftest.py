@@ -7,11 +7,20 @@ loader reads the very files diffusers would, and diffusers can load them as the 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastvideo.testing.tiny_wan import TinyWanConfig, save_tiny_wan
+
+# The repository root, as ``python -m pytest`` from it has it: the tests import ``bench`` and
+# ``tests.engine_checks`` (whose rank functions spawned ranks import by name; they inherit
+# this path). Appended, so the installed packages keep precedence.
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
 
 # Two CPU cores in CI: more threads only contend.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -132,7 +132,7 @@ def test_e2e_scaling_cpu_smoke(tmp_path):
 
 
 def test_random_wan_real_configs_have_the_released_sizes():
-    from fastvideo.testing.random_wan import build_random_wan_components
+    from bench.random_wan import build_random_wan_components
 
     def params(module) -> int:
         return sum(p.numel() for p in module.parameters())
@@ -154,8 +154,8 @@ def test_random_wan_tiny_sharded_and_linked_folders_load(tmp_path):
     from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
     from safetensors import safe_open
 
+    from bench.random_wan import MARKER, save_random_wan
     from fastvideo import VideoGenerator
-    from fastvideo.testing.random_wan import MARKER, save_random_wan
 
     first = save_random_wan(tmp_path / "a", size="tiny", device="cpu", max_shard_size="20KB")
     index = json.loads(

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fastvideo.testing.distributed import run_on_ranks
-from fastvideo.testing.gpu_checks import build_bf16_dit, dit_inputs, sp_dit_forward
+from tests.engine_checks.gpu_checks import build_bf16_dit, dit_inputs, sp_dit_forward
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA devices")]

@@ -18,7 +18,7 @@ from fastvideo.attention.sequence_parallel import local_seq_len, sp_factorisatio
 from fastvideo.models.dits.wanvideo import TEXT_CONTEXT_LENGTH, WanTransformer3DModel
 from fastvideo.models.loader.weight_utils import load_weights_into_model
 from fastvideo.testing.distributed import run_on_ranks
-from fastvideo.testing.sp_checks import (
+from tests.engine_checks.sp_checks import (
     attention_inputs,
     reference_attention,
     sequence_parallel_checks,

@@ -23,7 +23,6 @@ from fastvideo.attention.sta_mask import (
     _PAD,
     SlidingTileConfig,
     _padding_key_mask_mod,
-    sta_block_sparsity,
     sta_plan,
     tile_layout,
 )
@@ -31,7 +30,7 @@ from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.dits.wanvideo import WanTransformer3DModel
 from fastvideo.models.loader.component_loader import load_component
 from fastvideo.testing.distributed import run_on_ranks
-from fastvideo.testing.sta_checks import sliding_tile_sp_checks
+from tests.engine_checks.sta_checks import sliding_tile_sp_checks
 
 TOL = 1e-5
 STA = (_Backend.SLIDING_TILE_ATTN, _Backend.TORCH_SDPA)
@@ -171,11 +170,15 @@ def test_window_covering_every_tile_equals_plain_attention(extra):
 def test_block_sparsity_counts_the_skipped_blocks():
     # 12x16x16 in 6x8x8 tiles: 8 tiles of 384 tokens = 3 blocks each, 24 blocks in all. A
     # (1, 1, 1) window keeps each tile's own 3x3 block pairs: 72 of 576.
-    assert sta_block_sparsity((12, 16, 16), window=(1, 1, 1)) == pytest.approx(1 - 72 / 576)
-    assert sta_block_sparsity((12, 16, 16), window=(3, 3, 3)) == 0.0
+    def sparsity(grid, tile=(6, 8, 8), window=(3, 3, 3), extra_tokens=0, block_size=64):
+        config = SlidingTileConfig(tile, window, block_size)
+        return tile_layout(grid, extra_tokens, config).block_sparsity
+
+    assert sparsity((12, 16, 16), window=(1, 1, 1)) == pytest.approx(1 - 72 / 576)
+    assert sparsity((12, 16, 16), window=(3, 3, 3)) == 0.0
     # 4x4x4 in 2x2x2 tiles with blocks of 8: 8 tile blocks, then 1 text block. Computed:
     # the 8 tiles' own pairs, and the text block's row and column (9 + 9 - 1).
-    sparse = sta_block_sparsity((4, 4, 4), (2, 2, 2), (1, 1, 1), extra_tokens=8, block_size=8)
+    sparse = sparsity((4, 4, 4), (2, 2, 2), (1, 1, 1), extra_tokens=8, block_size=8)
     assert sparse == pytest.approx(1 - (8 + 17) / 81)
 
 

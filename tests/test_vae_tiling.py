@@ -10,7 +10,7 @@ from diffusers import AutoencoderKLWan as DiffusersWanVAE
 from fastvideo.models.vaes.tiling import TileConfig, TileGrid, decode_tiled
 from fastvideo.models.vaes.wanvae import AutoencoderKLWan
 from fastvideo.testing.distributed import run_on_ranks
-from fastvideo.testing.vae_checks import decode_on_rank, random_vae_pair
+from tests.engine_checks.vae_checks import decode_on_rank, random_vae_pair
 
 TOL = 1e-5
 

@@ -5,7 +5,7 @@ import torch
 from diffusers import AutoencoderKLWan as DiffusersWanVAE
 
 from fastvideo.models.vaes.wanvae import AutoencoderKLWan
-from fastvideo.testing.vae_checks import random_vae_pair
+from tests.engine_checks.vae_checks import random_vae_pair
 
 TOL = 1e-5
 

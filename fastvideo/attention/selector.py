@@ -2,26 +2,28 @@
 
 Order of precedence: a backend forced for the current model build (``FastVideoArgs.
 attention_backend`` sets it while the loader constructs modules), then the environment
-variable ``FASTVIDEO_ATTENTION_BACKEND``, then the first backend in the layer's supported
-list that can run here. A backend asked for by name that cannot run is an error, never a
-silent fallback; an ``opt_in`` backend (a sparse pattern) asked for by name applies to the
-layers that list it, and the others choose automatically. Sliding-tile layers read their tile
-and window the same way: those forced with the backend for the current build, else defaults.
+variable ``FASTVIDEO_ATTENTION_BACKEND`` (``fastvideo.envs``), then the first backend in the
+layer's supported list that can run here. A backend asked for by name that cannot run is an
+error, never a silent fallback; an ``opt_in`` backend (a sparse pattern) asked for by name
+applies to the layers that list it, and the others choose automatically. Sliding-tile layers
+read their tile and window the same way: those forced with the backend for the current
+build, else defaults (the forced config lives in ``sta_mask``, below the backends, which
+read it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
+from fastvideo import envs
 from fastvideo.attention.backends.abstract import AttentionBackend, _Backend
 from fastvideo.attention.backends.flash_attn import FlashAttnBackend
 from fastvideo.attention.backends.sdpa import SDPABackend
 from fastvideo.attention.backends.sliding_tile_attn import SlidingTileAttnBackend
-from fastvideo.attention.sta_mask import SlidingTileConfig
+from fastvideo.attention.sta_mask import SlidingTileConfig, forced_sliding_tile_config
 
-ENV_VAR = "FASTVIDEO_ATTENTION_BACKEND"
+ENV_VAR = envs.FASTVIDEO_ATTENTION_BACKEND.name
 
 _BACKENDS: dict[_Backend, type[AttentionBackend]] = {
     _Backend.FLASH_ATTN: FlashAttnBackend,
@@ -30,7 +32,6 @@ _BACKENDS: dict[_Backend, type[AttentionBackend]] = {
 }
 
 _forced_backend: _Backend | None = None
-_forced_sliding_tile: SlidingTileConfig | None = None
 
 
 def backend_from_name(name: str | _Backend, source: str) -> _Backend:
@@ -51,28 +52,23 @@ def forced_attention_backend(
 ) -> Iterator[None]:
     """Layers constructed inside use backend ``name`` (``None`` keeps automatic choice), and
     sliding-tile layers the tile and window of ``sliding_tile`` (``None``: the defaults)."""
-    global _forced_backend, _forced_sliding_tile
-    saved = _forced_backend, _forced_sliding_tile
+    global _forced_backend
+    saved = _forced_backend
     _forced_backend = (
         None if name is None else backend_from_name(name, "FastVideoArgs.attention_backend")
     )
-    _forced_sliding_tile = sliding_tile
     try:
-        yield
+        with forced_sliding_tile_config(sliding_tile):
+            yield
     finally:
-        _forced_backend, _forced_sliding_tile = saved
-
-
-def sliding_tile_config() -> SlidingTileConfig:
-    """Tile, window and block size for a sliding-tile layer constructed now."""
-    return _forced_sliding_tile or SlidingTileConfig()
+        _forced_backend = saved
 
 
 def _requested_backend() -> tuple[_Backend | None, str]:
     if _forced_backend is not None:
         return _forced_backend, "FastVideoArgs.attention_backend"
-    env_value = os.environ.get(ENV_VAR, "").strip()
-    if env_value:
+    env_value = envs.FASTVIDEO_ATTENTION_BACKEND.get()
+    if env_value is not None:
         return backend_from_name(env_value, ENV_VAR), ENV_VAR
     return None, ""
 

@@ -30,8 +30,10 @@ only the padding-key test, all a partial block needs, for the compiled block-spa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +91,26 @@ class SlidingTileConfig:
     def radius(self) -> Triple:
         """Tiles reached on each side of the query's tile, per axis."""
         return tuple((w - 1) // 2 for w in self.window)  # type: ignore[return-value]
+
+
+_forced_config: SlidingTileConfig | None = None
+
+
+@contextlib.contextmanager
+def forced_sliding_tile_config(config: SlidingTileConfig | None) -> Iterator[None]:
+    """Sliding-tile layers constructed inside take ``config`` (``None``: the defaults).
+    ``selector.forced_attention_backend`` sets it with the backend, for one model build."""
+    global _forced_config
+    saved, _forced_config = _forced_config, config
+    try:
+        yield
+    finally:
+        _forced_config = saved
+
+
+def sliding_tile_config() -> SlidingTileConfig:
+    """Tile, window and block size for a sliding-tile layer constructed now."""
+    return _forced_config or SlidingTileConfig()
 
 
 @dataclass(frozen=True)
@@ -160,11 +182,6 @@ class TileLayout:
     def partial_block_fraction(self) -> float:
         """Fraction of the computed block pairs that are only partially allowed."""
         return self.partial.sum().item() / max(self.allowed.sum().item(), 1)
-
-    @property
-    def padding_fraction(self) -> float:
-        """Fraction of the query slots that are padding."""
-        return 1.0 - self.num_tokens / self.query.num_slots
 
 
 def _axis_tiles(size: int, tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -360,18 +377,3 @@ def _to_device(side: SlotLayout, device: torch.device) -> SlotLayout:
     return dataclasses.replace(
         side, slot_tile=side.slot_tile.to(device), slot_kind=side.slot_kind.to(device)
     )
-
-
-def sta_block_sparsity(
-    grid: Triple,
-    tile: Triple = (6, 8, 8),
-    window: Triple = (3, 3, 3),
-    extra_tokens: int = 0,
-    block_size: int = 64,
-    kv_block_size: int | None = None,
-) -> float:
-    """Fraction of (query block, key block) pairs sliding-tile attention skips at this shape,
-    over the padded lengths (what a benchmark prints next to its timing;
-    ``TileLayout.dense_work_fraction`` is the work against unpadded dense attention)."""
-    config = SlidingTileConfig(tile, window, block_size, kv_block_size)
-    return tile_layout(tuple(grid), extra_tokens, config).block_sparsity

@@ -80,11 +80,6 @@ def get_sp_group() -> dist.ProcessGroup | None:
     return _SP.group
 
 
-def get_sp_ranks() -> tuple[int, ...]:
-    """Global ranks of this rank's sequence-parallel group, in sp_rank order."""
-    return _SP.ranks
-
-
 def get_sp_ulysses_ring_groups(
     ulysses_size: int,
 ) -> tuple[_GroupCoordinates, _GroupCoordinates]:

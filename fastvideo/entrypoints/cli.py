@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import fastvideo
 from fastvideo.fastvideo_args import PRECISIONS
 
 
@@ -15,8 +16,6 @@ def package_version() -> str:
     try:
         return version("fastvideo-batch")
     except PackageNotFoundError:
-        import fastvideo
-
         return fastvideo.__version__
 
 
@@ -139,8 +138,8 @@ def _triple(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def _generate(ns: argparse.Namespace) -> int:
-    from fastvideo import VideoGenerator
-    from fastvideo.entrypoints.video_generator import device_problem
+    # Here, not at the top: ``fastvideo --help`` and ``--version`` need no diffusers.
+    from fastvideo.entrypoints.video_generator import VideoGenerator, device_problem
 
     problem = device_problem(ns.device)
     if problem is not None:

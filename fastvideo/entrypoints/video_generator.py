@@ -1,7 +1,9 @@
 """The public entry point: load a model folder once, generate many videos.
 
 One process runs the pipeline itself; with ``num_gpus > 1`` the pipeline runs on long-lived
-rank processes (``fastvideo.executor``) and this object only talks to rank 0.
+rank processes (``fastvideo.executor``) and this object only talks to rank 0. Either way the
+pipeline is built and run by ``fastvideo.pipelines.runner`` (``build_pipeline``, ``render``,
+``RenderOutput``; still importable from here).
 """
 
 from __future__ import annotations
@@ -14,21 +16,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from fastvideo.executor import MultiRankExecutor
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.models.loader.model_folder import read_model_index, resolve_model_path
+from fastvideo.models.vaes.wanvae import WanVAEConfig
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch, StepCallback, StepProgress
 from fastvideo.pipelines.pipeline_registry import get_pipeline_class
+from fastvideo.pipelines.runner import RenderOutput, build_pipeline, render
 from fastvideo.pipelines.stages.input_validation import InputValidationStage
 from fastvideo.pipelines.stages.latent_preparation import draw_noise, noise_shape
-
-if TYPE_CHECKING:
-    from fastvideo.executor import MultiRankExecutor
+from fastvideo.utils.video_io import write_mp4
 
 #: ``generate_video(output_type=...)``: what diffusers' ``VideoProcessor`` returns for each.
 OUTPUT_TYPES = ("np", "pil", "pt")
@@ -114,43 +117,6 @@ def _load_image(image: Any) -> Any:
     )
 
 
-@dataclass
-class RenderOutput:
-    """What one pipeline run hands back: the frames of the single video, its seed, timings."""
-
-    frames: np.ndarray  # (num_frames, height, width, 3) float32 in [0, 1]
-    seed: int | None  # None when the request brought its own generator or noise
-    stage_timings: dict[str, float]
-
-
-def build_pipeline(model_path: str | os.PathLike, args: FastVideoArgs) -> ComposedPipelineBase:
-    """Load the pipeline ``model_index.json`` names (or ``args.pipeline_class_name``).
-
-    In a multi-rank run, every rank calls this after its process groups exist: parallel
-    layers read their TP/SP coordinates when they are built.
-    """
-    folder = resolve_model_path(model_path)
-    index = read_model_index(folder)
-    pipeline_cls = get_pipeline_class(args.pipeline_class_name or index["_class_name"])
-    return pipeline_cls(folder, args)
-
-
-def render(
-    pipeline: ComposedPipelineBase,
-    args: FastVideoArgs,
-    request: dict[str, Any],
-    callback: StepCallback | None = None,
-) -> RenderOutput:
-    """Run ``pipeline`` on one request (``ForwardBatch`` fields, the image already loaded;
-    initial ``latents`` may come as an array, as they reach the ranks of a multi-rank run)."""
-    if isinstance(request.get("latents"), np.ndarray):
-        request = {**request, "latents": torch.from_numpy(request["latents"])}
-    batch = pipeline.forward(ForwardBatch(**request, callback=callback), args)
-    # (B, 3, T, H, W) -> (T, H, W, 3) of the single video.
-    frames = batch.output[0].permute(1, 2, 3, 0).cpu().numpy().astype(np.float32)
-    return RenderOutput(frames=frames, seed=batch.seed, stage_timings=dict(batch.stage_timings))
-
-
 def precision_of_torch_dtype(torch_dtype: Any, name: str = "torch_dtype") -> str:
     """The precision name ("fp32", "bf16", "fp16") ``from_pretrained(torch_dtype=...)`` sets:
     from a torch.dtype, its name ("bfloat16", "torch.bfloat16") or a precision name. A bad
@@ -188,8 +154,6 @@ def device_problem(device: str | None) -> tuple[str, str] | None:
 
 def _vae_config_of_folder(folder: Path) -> Any:
     """The VAE config of a model folder (what the ranks of a multi-rank generator load)."""
-    from fastvideo.models.vaes.wanvae import WanVAEConfig
-
     path = folder / "vae" / "config.json"
     if not path.is_file():
         raise ValueError(f"generator= needs the VAE's config: {path} is missing")
@@ -324,8 +288,6 @@ class VideoGenerator:
         folder = resolve_model_path(model_path)
         # Fail here, in the caller, on a folder no rank could load.
         get_pipeline_class(args.pipeline_class_name or read_model_index(folder)["_class_name"])
-        from fastvideo.executor import MultiRankExecutor
-
         executor = MultiRankExecutor(folder, args)
         executor.start()
         return cls(None, args, executor=executor)
@@ -441,8 +403,6 @@ class VideoGenerator:
         frames = [one.frames for one in rendered]
         video_paths: list[Path] = []
         if output_path is not None:
-            from fastvideo.utils.video_io import write_mp4
-
             started = time.perf_counter()
             for video, path in zip(frames, _video_paths(output_path, count), strict=True):
                 video_paths.append(write_mp4(video, path, fps=fps))

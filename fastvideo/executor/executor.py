@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled, StepCallback
 
-if TYPE_CHECKING:
-    from fastvideo.entrypoints.video_generator import RenderOutput
+if TYPE_CHECKING:  # the ranks' output type; the caller need not import the pipelines
+    from fastvideo.pipelines.runner import RenderOutput
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,6 @@ class MultiRankExecutor:
     def pids(self) -> list[int]:
         """Process ids of the ranks, in rank order."""
         return [r.popen.pid for r in self._ranks]
-
-    @property
-    def log_paths(self) -> list[Path]:
-        return [r.log_path for r in self._ranks]
 
     def start(self) -> None:
         """Start the ranks and wait until every one has loaded the pipeline."""

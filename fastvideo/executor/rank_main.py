@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 
 from fastvideo.distributed import parallel_state
-from fastvideo.entrypoints.video_generator import build_pipeline, render
 from fastvideo.executor.executor import EXIT_COLLECTIVE_FAILED, EXIT_DISAGREED, KEEPALIVE_S
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled, StepProgress
+from fastvideo.pipelines.runner import build_pipeline, render
 
 log = logging.getLogger("fastvideo.executor.rank")
 

@@ -21,24 +21,6 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class SiluAndMul(nn.Module):
-    """``silu(x[..., :d]) * x[..., d:]`` for gated feed-forwards with a merged gate/up weight."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-
-class GeluAndMul(nn.Module):
-    def __init__(self, approximate: str = "none") -> None:
-        super().__init__()
-        self.approximate = approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.gelu(gate, approximate=self.approximate) * up
-
-
 _ACTIVATIONS = {
     "gelu": lambda: GELU(),
     "gelu-approximate": lambda: GELU("tanh"),

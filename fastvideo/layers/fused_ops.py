@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
 from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from fastvideo import envs
 from fastvideo.layers.rotary import apply_interleaved_rotary
 
-_ENV = "FASTVIDEO_FUSED_KERNELS"
 _forced: bool | None = None
 
 
@@ -47,11 +46,11 @@ def fused_kernels(enabled: bool) -> Iterator[None]:
 
 def _use_kernels(*tensors: torch.Tensor | None) -> bool:
     present = [t for t in tensors if t is not None]
-    if _forced is False or (_forced is None and os.environ.get(_ENV, "1") == "0"):
+    if torch.compiler.is_compiling():  # first: traced code reads no environment
+        return False
+    if _forced is False or (_forced is None and not envs.FASTVIDEO_FUSED_KERNELS.get()):
         return False
     if _forced is None and not present[0].is_cuda:
-        return False
-    if torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False

@@ -13,6 +13,7 @@ import importlib.metadata
 import pkgutil
 from types import ModuleType
 
+import fastvideo.pipelines
 from fastvideo.logger import init_logger
 
 logger = init_logger(__name__)
@@ -47,8 +48,7 @@ def _register(registry: dict[str, type], cls: type, source: str) -> None:
 
 
 def _scan_pipeline_packages(registry: dict[str, type]) -> None:
-    import fastvideo.pipelines as root
-
+    root = fastvideo.pipelines
     for info in pkgutil.iter_modules(root.__path__):
         if not info.ispkg or info.name in _NOT_PIPELINE_PACKAGES:
             continue

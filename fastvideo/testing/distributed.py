@@ -1,4 +1,4 @@
-"""Run a function on N CPU ranks over gloo and collect what each returns (tests, checks).
+"""Run a function on N CPU ranks over gloo and collect what each returns (tests, benchmarks).
 
     results = run_on_ranks(fn, world_size=4, args=(...), sp_size=2, cfg_parallel_size=2)
 
@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from fastvideo.distributed import parallel_state
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -38,8 +40,6 @@ def _rank_main(
     layout: dict[str, int | None],
     backend: str = "gloo",
 ) -> None:
-    from fastvideo.distributed import parallel_state
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:

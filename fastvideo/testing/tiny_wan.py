@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fastvideo.models.dits import wanvideo  # ours; diffusers' class has the same name
+
 _CORPUS = [
     "a cat and a dog baking a cake together in a kitchen",
     "the quick brown fox jumps over the lazy dog at sunset",
@@ -187,10 +189,8 @@ def save_tiny_wan(
 def tiny_dit(device: str | torch.device = "cpu", seed: int = 0):
     """Our Wan DiT alone, two blocks of 2 heads x 16, random weights (``seed``): small enough
     to compile or to run through Triton's interpreter in a test."""
-    from fastvideo.models.dits.wanvideo import WanTransformer3DModel
-
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(
+    model = wanvideo.WanTransformer3DModel(
         num_attention_heads=2,
         attention_head_dim=16,
         in_channels=4,

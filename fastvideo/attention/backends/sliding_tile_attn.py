@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 import warnings
 
 import torch
 
+from fastvideo import envs
 from fastvideo.attention.backends.abstract import (
     AttentionBackend,
     AttentionImpl,
     VideoGrid,
     _Backend,
 )
-from fastvideo.attention.sta_mask import SlidingTileConfig, sta_plan
+from fastvideo.attention.sta_mask import SlidingTileConfig, sliding_tile_config, sta_plan
 
 
 @functools.cache
@@ -40,19 +40,6 @@ def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention)
-
-
-@functools.cache
-def _kernel_options(text: str | None) -> dict | None:
-    if not text:
-        return None
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"FASTVIDEO_FLEX_KERNEL_OPTIONS is not JSON: {err}") from None
-    if not isinstance(options, dict):
-        raise ValueError("FASTVIDEO_FLEX_KERNEL_OPTIONS must be a JSON object")
-    return options
 
 
 def _largest_tile(block: int, sizes: tuple[int, ...]) -> int | None:
@@ -104,7 +91,7 @@ def _flex_attention(query, key, value, config: SlidingTileConfig, plan, **kwargs
         kwargs["block_mask"] = (
             plan.sparse_kernel_block_mask if _compiler_runs() else plan.block_mask
         )
-        options = _kernel_options(os.environ.get("FASTVIDEO_FLEX_KERNEL_OPTIONS"))
+        options = envs.FASTVIDEO_FLEX_KERNEL_OPTIONS.get()
         if options is None:
             options = default_kernel_options(query.device, config)
         kwargs["kernel_options"] = dict(options)  # a copy: the cached dict stays pristine
@@ -131,12 +118,7 @@ class SlidingTileAttnImpl(AttentionImpl):
         super().__init__(num_heads, head_size, softmax_scale, causal, dropout_rate, num_kv_heads)
         if causal or dropout_rate:
             raise ValueError("sliding-tile attention is non-causal and has no dropout")
-        if config is None:
-            # Imported here: the selector imports this module to register the backend.
-            from fastvideo.attention.selector import sliding_tile_config
-
-            config = sliding_tile_config()
-        self.config = config
+        self.config = sliding_tile_config() if config is None else config
 
     def token_arrangement(self, video_grid: VideoGrid, device: torch.device):
         """The plan whose ``query_rows`` / ``key_rows`` / ``key_token_of_slot`` say where

@@ -13,7 +13,7 @@ from fastvideo.attention import DistributedAttention
 from fastvideo.attention.backends.abstract import VideoGrid, _Backend
 from fastvideo.attention.selector import forced_attention_backend
 from fastvideo.attention.sta_mask import SlidingTileConfig
-from fastvideo.testing.sp_checks import sharded_dit
+from tests.engine_checks.sp_checks import sharded_dit
 
 
 def sliding_tile_sp_checks(

@@ -1,7 +1,5 @@
-"""Rank functions for ``run_on_ranks`` that exercise the VAE's split decode (tests).
-
-They live here, not in ``tests/``, because spawned ranks must import them by module name.
-"""
+"""Rank functions for ``run_on_ranks`` that exercise the VAE's split decode, and the random
+diffusers/ours VAE pair the VAE tests compare (spawned ranks import them by module name)."""
 
 from __future__ import annotations
 
@@ -51,8 +49,6 @@ def random_vae_pair(config: dict):
     """A diffusers ``AutoencoderKLWan`` with random weights (norm gains and biases moved off
     their defaults, so a misplaced one shows) and ours loaded from its state_dict."""
     from diffusers import AutoencoderKLWan as DiffusersWanVAE
-
-    from fastvideo.models.vaes.wanvae import AutoencoderKLWan
 
     torch.manual_seed(0)
     reference = DiffusersWanVAE(**config).eval()

@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m fastvideo.testing.random_wan", description=__doc__.split("\n")[0]
+        prog="python -m bench.random_wan", description=__doc__.split("\n")[0]
     )
     parser.add_argument("folder", help="where to write (with --cached: the root folder)")
     parser.add_argument(
