@@ -22,6 +22,8 @@ class Principal:
 
     tenant: str
     operator: bool = False
+    #: The tenant's queued-jobs limit while this key is used; None: the deployment's.
+    max_queued: int | None = None
 
 
 def hash_key(key: str) -> str:
@@ -29,7 +31,11 @@ def hash_key(key: str) -> str:
 
 
 def create_api_key(
-    session: Session, tenant: str, name: str | None = None, operator: bool = False
+    session: Session,
+    tenant: str,
+    name: str | None = None,
+    operator: bool = False,
+    max_queued: int | None = None,
 ) -> str:
     """Store a new key for `tenant` and return it in plain text (the only time it is seen).
 
@@ -46,6 +52,7 @@ def create_api_key(
             key_hash=hash_key(key),
             prefix=key[:12],
             operator=operator,
+            max_queued=max_queued,
         )
     )
     session.flush()
@@ -55,8 +62,10 @@ def create_api_key(
 def principal_for_key(session: Session, key: str) -> Principal | None:
     """Who a live (not revoked) key acts for, or None."""
     row = session.execute(
-        select(ApiKey.tenant, ApiKey.operator).where(
+        select(ApiKey.tenant, ApiKey.operator, ApiKey.max_queued).where(
             ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
         )
     ).one_or_none()
-    return Principal(row.tenant, bool(row.operator)) if row is not None else None
+    if row is None:
+        return None
+    return Principal(row.tenant, bool(row.operator), row.max_queued)

@@ -53,10 +53,24 @@ class ServedModel:
     latent_patch: tuple[int, int, int] = (1, 2, 2)
     #: Positions of the DiT's rotary table per axis of the patch grid.
     rope_max_seq_len: int = 1024
+    #: GPUs each worker of the model's pool owns (``[pools.<name>] gpus``); None: not said.
+    pool_gpus: int | None = None
 
     @property
     def image_to_video(self) -> bool:
         return self.pipeline_class in IMAGE_TO_VIDEO_PIPELINES
+
+    @property
+    def routing_problem(self) -> str | None:
+        """Why no worker can take this model's jobs, or None: a model that needs more GPUs
+        per job than its pool's workers own would only fail at load time."""
+        if self.pool_gpus and self.gpus > self.pool_gpus:  # 0: CPU workers run any on ranks
+            return (
+                f"model '{self.name}' needs {self.gpus} GPUs per job, but the workers of pool "
+                f"'{self.pool}' own {self.pool_gpus} ([pools.{self.pool}] gpus in the models "
+                "file): no pool can run it"
+            )
+        return None
 
     @property
     def max_side(self) -> int:
@@ -167,7 +181,9 @@ def load_models_config(path: Path) -> dict[str, ServedModel]:
         "temporal_factor",
         "latent_patch",
         "rope_max_seq_len",
+        "pool_gpus",
     }
+    pools = _pools(path, document.get("pools", {}))
     models = {}
     for name, entry in entries.items():
         unknown = sorted(set(entry) - known)
@@ -178,12 +194,37 @@ def load_models_config(path: Path) -> dict[str, ServedModel]:
         folder = Path(entry["path"]).expanduser()
         if not folder.is_absolute():
             folder = (path.parent / folder).resolve()
-        model = ServedModel(name=name, **{**entry, "path": folder}, **_inspect_folder(folder))
+        pool_gpus = pools.get(entry.get("pool", "default"))
+        model = ServedModel(
+            name=name, **{**entry, "path": folder}, **_inspect_folder(folder), pool_gpus=pool_gpus
+        )
         if "default_size" not in entry:
             model = dataclasses.replace(model, default_size=_fitting_default_size(model))
         _check_defaults(path, model)
         models[name] = model
     return models
+
+
+def _pools(path: Path, tables: dict[str, Any]) -> dict[str, int]:
+    """``[pools.<name>] gpus = N``: the GPUs every worker of that pool owns."""
+    pools = {}
+    for name, table in tables.items():
+        unknown = sorted(set(table) - {"gpus"})
+        gpus = table.get("gpus")
+        if unknown or isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+            raise ValueError(
+                f"models config {path}: [pools.{name}] takes one key, gpus = a count >= 0 "
+                f"(0: CPU workers), got {table!r}"
+            )
+        pools[name] = gpus
+    return pools
+
+
+def pool_gpus(path: Path, pool: str) -> int | None:
+    """What the models file says the workers of ``pool`` own (None: nothing, or no file)."""
+    if not path.is_file():
+        return None
+    return _pools(path, tomllib.loads(path.read_text()).get("pools", {})).get(pool)
 
 
 def write_models_config(path: Path, models: dict[str, dict[str, Any]]) -> None:

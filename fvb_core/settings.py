@@ -41,12 +41,9 @@ class Settings(BaseSettings):
     #: Timeout of the API's own store calls (downloads, input images, deletes): a request
     #: waits at most about this long for a store that stopped answering.
     request_store_timeout_s: float = Field(default=5.0, gt=0)
-    #: Queued jobs above which new submissions get 429 with Retry-After.
-    max_queued_jobs: int = 10_000
-    #: Fair share between tenants (scheduler/dispatch.py): a tenant's job drops one priority
-    #: level per this many of its queued jobs ahead of it, by at most fair_share_levels.
-    fair_share_step: int = 8
-    fair_share_levels: int = 2
+    #: Queued jobs one tenant may have; past it submissions get 429 with a Retry-After from
+    #: the tenant's drain rate. An API key may set its own (``fvb keys create --max-queued``).
+    max_queued_jobs: int = 100_000
     presign_expiry_s: int = 3600
 
     # Job life cycle.
@@ -55,8 +52,21 @@ class Settings(BaseSettings):
     #: A running job whose worker has not heart-beaten for this long is requeued.
     heartbeat_timeout_s: float = 60.0
     reaper_interval_s: float = 5.0
-    #: A queued job not claimed for this long gets its message sent again.
-    redispatch_after_s: float = 120.0
+
+    # Scheduler (scheduler/release.py).
+    #: Messages a pool's queue may hold per live consumer: Redis never holds the backlog.
+    release_per_worker: int = Field(default=2, ge=1)
+    #: Seconds between release passes while there is nothing to release.
+    release_interval_s: float = Field(default=0.5, gt=0)
+    #: A released job whose message is missing from the queue this long lost it.
+    release_grace_s: float = Field(default=2.0, ge=0)
+    #: The release lease: one scheduler releases; another takes over this long after it died.
+    scheduler_lease_s: float = Field(default=10.0, gt=0)
+    #: Fair share between tenants: the GPU work each was served counts half after this long.
+    fair_share_half_life_s: float = Field(default=600.0, gt=0)
+    #: A consumer that has not beaten this long is not counted as live.
+    worker_timeout_s: float = Field(default=30.0, gt=0)
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
     #: Redis broker: an unacknowledged message is redelivered after this; longer than any job.
     visibility_timeout_s: int = 6 * 3600
     progress_min_interval_s: float = 0.5

@@ -2,7 +2,7 @@
 
 fvb up [--postgres]          the whole local stack (servers + api + scheduler + worker)
 fvb api                      the HTTP API
-fvb scheduler                the reaper / re-dispatcher loop
+fvb scheduler                release queued jobs to the workers' queues; the reaper
 fvb worker --gpus 0          one GPU worker (or --device cpu)
 fvb db upgrade               apply database migrations
 fvb keys create --tenant T   create an API key (printed once); keys list, keys revoke ID
@@ -91,7 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, help="worker processes")
 
     command("api", "serve the HTTP API (FVB_API_HOST:FVB_API_PORT)")
-    command("scheduler", "run the reaper and re-dispatcher")
+    command("scheduler", "release queued jobs to the workers, and reap lost ones")
 
     worker = command("worker", "run one worker for a GPU group")
     worker.add_argument("--gpus", default=None, help="GPU ids of the group, e.g. 0 or 0,1")
@@ -231,12 +231,12 @@ def _api() -> int:
 
 def _scheduler() -> int:
     from fvb_core.settings import get_settings
-    from scheduler.reaper import run_reaper
+    from scheduler.process import run_scheduler
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    run_reaper(get_settings(), stop)
+    run_scheduler(get_settings(), stop)
     return 0
 
 

@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 
+from fvb_core.models_config import pool_gpus
 from fvb_core.queue import queue_for_pool
 from fvb_core.settings import Settings, get_settings
 
@@ -60,6 +61,14 @@ def run_worker(
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         device = device or "cuda"
     settings = settings.model_copy(update={"worker_gpus": gpus, "worker_device": device})
+    group_size = len([g for g in (gpus or "").split(",") if g.strip()])
+    declared = pool_gpus(settings.models_config, settings.worker_pool)
+    if declared is not None and device != "cpu" and group_size != declared:
+        raise ValueError(
+            f"pool '{settings.worker_pool}' is declared with {declared} GPU(s) per worker "
+            f"([pools.{settings.worker_pool}] in {settings.models_config}), but this worker "
+            f"owns {group_size} (--gpus {gpus}): jobs are routed by that count"
+        )
     # Weight-loading progress bars would land in the worker log as warnings, once per load.
     os.environ.setdefault("TQDM_DISABLE", "1")
     _configure_logging(loglevel)
@@ -71,6 +80,9 @@ def run_worker(
     group = (gpus or device or "auto").replace(",", "-")
     node = f"fvb-{settings.worker_pool}-{group}-{os.getpid()}@{socket.gethostname()}"
     log.info("worker %s: queue %s, device %s, gpus %s", node, queue, device or "auto", gpus)
+    from worker.presence import Presence
+
+    Presence(settings, node, gpus=group_size).connect()
     app.worker_main(
         [
             "worker",

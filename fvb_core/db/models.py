@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -69,11 +71,35 @@ class Job(Base):
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_status_priority_created", "status", "priority", "created_at"),
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
+        # The scheduler's two questions, each over a partial index so its cost follows what
+        # it asks for, not the size of the table: which jobs of a pool wait to be released
+        # (per tenant, best first), and which are released but not yet claimed.
+        Index(
+            "ix_jobs_ready",
+            "pool",
+            "tenant",
+            "priority",
+            "created_at",
+            sqlite_where=text("status = 'queued' AND dispatched_at IS NULL"),
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+        ),
+        Index(
+            "ix_jobs_released",
+            "pool",
+            "dispatched_at",
+            sqlite_where=text("status = 'queued' AND dispatched_at IS NOT NULL"),
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NOT NULL"),
+        ),
+        Index("ix_jobs_tenant_finished", "tenant", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(128))
+    #: The GPU pool whose workers run it (the model's, when the job was created).
+    pool: Mapped[str] = mapped_column(String(64), default="default", server_default="default")
+    #: Estimated GPU work (``JobParams.work``): fair share weighs tenants by it.
+    work: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     #: The validated request: prompt, size, frames, steps, guidance, seed, fps, image key...
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
@@ -97,6 +123,7 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: When the scheduler released it to its pool's queue (NULL: waiting in the database).
     dispatched_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -131,5 +158,54 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     #: An operator key may read /metrics (and, beyond its tenant, the whole fleet).
     operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: The tenant's queued-jobs limit while this key is used; NULL: ``max_queued_jobs``.
+    max_queued: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class TenantCounter(Base):
+    """Per tenant: its queued jobs, kept by the transitions in the same transaction as the
+    state change, so admission reads one row instead of counting the tenant's backlog."""
+
+    __tablename__ = "tenant_counters"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    queued: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class FairShare(Base):
+    """What each tenant has been served in a pool: GPU work released to it, decaying with a
+    half-life (``fair_share_half_life_s``), so the one served least lately goes next."""
+
+    __tablename__ = "fair_shares"
+
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    served: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A live (or lately live) Celery consumer: its pool and GPU group, its last beat."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(64), index=True)
+    gpus: Mapped[int] = mapped_column(Integer, default=1)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Lease(Base):
+    """A named lease one process holds until ``expires_at`` (the scheduler's leadership)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime] = mapped_column()

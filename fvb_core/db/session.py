@@ -37,14 +37,14 @@ def get_engine(url: str) -> Engine:
 
 
 @lru_cache(maxsize=8)
-def _session_factory(url: str) -> sessionmaker[Session]:
+def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 
 
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session whose transaction commits on success and rolls back on error."""
-    session = _session_factory(url)()
+    session = session_factory(url)()
     try:
         yield session
         session.commit()

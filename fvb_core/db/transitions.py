@@ -1,23 +1,46 @@
-"""The job state machine. Each transition is one guarded UPDATE plus its audit event.
+"""The job state machine. Every state write is one guarded statement that decides and writes
+at once, plus its audit events.
 
 ``queued -> running -> succeeded | failed | cancelled``, and ``running -> queued`` on a retry.
 A worker's writes name the attempt it claimed (``WHERE id = ? AND status = 'running' AND
 attempt = ?``), so a redelivered or stale worker matches no row and changes nothing: the
-attempt number is the fence. Callers commit the session; a transition that matched no row
-returns False and writes no event.
+attempt number is the fence. Where the outcome depends on the row (a retry on the last
+attempt fails instead; a cancel of a queued job ends it, of a running one flags it), the
+decision is a ``CASE`` in the same ``UPDATE ... RETURNING``: nothing is read, decided in
+Python, then written. A transition that matched no row returns False (or None) and writes
+no event.
+
+Each transition that moves a job into or out of ``queued`` also moves its tenant's counter
+(``tenant_counters``) in the same transaction, so admission never counts a backlog.
+``dispatched_at`` is the scheduler's mark: set when it released the job to its pool's
+queue, cleared when the job goes back to waiting. Callers commit the session.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    and_,
+    case,
+    cast,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from fvb_core.db.models import Job, JobEvent, utcnow
+from fvb_core.db.models import Job, JobEvent, TenantCounter, utcnow
 from fvb_core.jobs import JobStatus
 
 QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
@@ -26,53 +49,98 @@ SUCCEEDED, FAILED, CANCELLED = (
     JobStatus.FAILED.value,
     JobStatus.CANCELLED.value,
 )
+CANCEL_MESSAGE = "cancelled by request"
+#: The detail of the event that records a release (no state change: queued -> queued).
+RELEASED = "released"
 
 
 def new_job_id() -> str:
     return f"video_{secrets.token_hex(12)}"
 
 
-def _transition(
-    session: Session,
-    job_id: str,
-    guard: ColumnElement[bool],
-    from_status: str | None,
-    values: dict[str, Any],
-    event_attempt: int,
-    detail: str | None = None,
-) -> bool:
-    now = utcnow()
-    result = session.execute(
-        update(Job).where(Job.id == job_id, guard).values(updated_at=now, **values)
-    )
-    if result.rowcount != 1:
-        return False
-    if "status" in values:
-        session.add(
-            JobEvent(
-                job_id=job_id,
-                at=now,
-                from_status=from_status,
-                to_status=values["status"],
-                attempt=event_attempt,
-                detail=detail,
+# -- bookkeeping shared by the transitions ---------------------------------------------------
+
+
+def _events(session: Session, rows: Iterable[dict[str, Any]]) -> None:
+    rows = list(rows)
+    if rows:
+        session.execute(insert(JobEvent), rows)
+
+
+def _event(job_id: str, at: datetime, frm: str | None, to: str, attempt: int, detail=None):
+    return dict(job_id=job_id, at=at, from_status=frm, to_status=to, attempt=attempt, detail=detail)
+
+
+def count_queued(session: Session, deltas: Counter[str]) -> None:
+    """Add ``deltas[tenant]`` to each tenant's queued counter (an upsert, tenants in sorted
+    order so two transactions never wait on each other's rows in opposite orders)."""
+    dialect = session.get_bind().dialect.name
+    upsert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
+    for tenant in sorted(t for t, d in deltas.items() if d):
+        statement = upsert(TenantCounter).values(tenant=tenant, queued=deltas[tenant])
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[TenantCounter.tenant],
+                set_={"queued": TenantCounter.queued + deltas[tenant]},
             )
         )
-    return True
+
+
+def queued_of(session: Session, tenant: str) -> int:
+    """The tenant's queued jobs, from its counter."""
+    value = session.execute(
+        select(TenantCounter.queued).where(TenantCounter.tenant == tenant)
+    ).scalar()
+    return int(value or 0)
 
 
 def _owned(attempt: int) -> ColumnElement[bool]:
     return and_(Job.status == RUNNING, Job.attempt == attempt)
 
 
+def _guarded(
+    session: Session,
+    job_id: str,
+    guard: ColumnElement[bool],
+    from_status: str,
+    values: dict[str, Any],
+    attempt: int,
+    detail: str | None = None,
+) -> bool:
+    """One row from ``from_status`` to ``values["status"]`` when ``guard`` holds."""
+    now = utcnow()
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, guard)
+        .values(updated_at=now, **values)
+        .returning(Job.tenant)
+    ).one_or_none()
+    if row is None:
+        return False
+    _events(session, [_event(job_id, now, from_status, values["status"], attempt, detail)])
+    return True
+
+
+# -- creation and the claim ------------------------------------------------------------------
+
+
 def create_job(session: Session, job: Job) -> Job:
-    job.id = job.id or new_job_id()
-    job.status = QUEUED
-    job.attempt = 0
-    session.add(job)
+    return create_jobs(session, [job])[0]
+
+
+def create_jobs(session: Session, jobs: Sequence[Job]) -> Sequence[Job]:
+    """Insert queued jobs (waiting for the scheduler to release them) with their events."""
+    for job in jobs:
+        job.id = job.id or new_job_id()
+        job.status = QUEUED
+        job.attempt = 0
+        job.dispatched_at = None
+        job.created_at = job.created_at or utcnow()
+    session.add_all(jobs)
     session.flush()
-    session.add(JobEvent(job_id=job.id, at=job.created_at, to_status=QUEUED, attempt=0))
-    return job
+    _events(session, (_event(job.id, job.created_at, None, QUEUED, 0) for job in jobs))
+    count_queued(session, Counter(job.tenant for job in jobs))
+    return jobs
 
 
 @dataclass(frozen=True)
@@ -85,34 +153,31 @@ class Claim:
 
 def claim(session: Session, job_id: str, worker_id: str) -> Claim | None:
     """queued -> running as attempt n+1, or None when the job is not there to take."""
-    row = session.execute(
-        select(Job.status, Job.attempt, Job.cancel_requested, Job.params, Job.model).where(
-            Job.id == job_id
-        )
-    ).one_or_none()
-    if row is None or row.status != QUEUED or row.cancel_requested:
-        return None
     now = utcnow()
-    attempt = row.attempt + 1
-    won = _transition(
-        session,
-        job_id,
-        and_(Job.status == QUEUED, Job.attempt == row.attempt, Job.cancel_requested.is_(False)),
-        QUEUED,
-        dict(
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED, Job.cancel_requested.is_(False))
+        .values(
             status=RUNNING,
-            attempt=attempt,
+            attempt=Job.attempt + 1,
             worker_id=worker_id,
             started_at=now,
             heartbeat_at=now,
+            updated_at=now,
             progress=0,
             error_code=None,
             error_message=None,
-        ),
-        attempt,
-        detail=f"worker {worker_id}",
-    )
-    return Claim(job_id, attempt, row.params, row.model) if won else None
+        )
+        .returning(Job.attempt, Job.params, Job.model, Job.tenant)
+    ).one_or_none()
+    if row is None:
+        return None
+    _events(session, [_event(job_id, now, QUEUED, RUNNING, row.attempt, f"worker {worker_id}")])
+    count_queued(session, Counter({row.tenant: -1}))
+    return Claim(job_id, row.attempt, row.params, row.model)
+
+
+# -- the running attempt ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -128,9 +193,21 @@ def heartbeat(
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if progress is not None:
         values["progress"] = max(0, min(100, int(progress)))
-    owner = _transition(session, job_id, _owned(attempt), None, values, attempt)
-    cancel = session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar()
-    return Heartbeat(still_owner=owner, cancel_requested=bool(cancel))
+    cancel = session.execute(
+        update(Job)
+        .where(Job.id == job_id, _owned(attempt))
+        .values(**values)
+        .returning(Job.cancel_requested)
+    ).scalar_one_or_none()
+    return Heartbeat(still_owner=cancel is not None, cancel_requested=bool(cancel))
+
+
+def ownership(session: Session, job_id: str, attempt: int) -> Heartbeat:
+    """The same answer as :func:`heartbeat`, read only (the per-step check between beats)."""
+    cancel = session.execute(
+        select(Job.cancel_requested).where(Job.id == job_id, _owned(attempt))
+    ).scalar_one_or_none()
+    return Heartbeat(still_owner=cancel is not None, cancel_requested=bool(cancel))
 
 
 def succeed(
@@ -144,7 +221,7 @@ def succeed(
 ) -> bool:
     """running -> succeeded, recording the output in the same statement. A cancel requested
     while the video was being stored wins: the guard refuses to record it."""
-    return _transition(
+    return _guarded(
         session,
         job_id,
         and_(_owned(attempt), Job.cancel_requested.is_(False)),
@@ -164,7 +241,7 @@ def succeed(
 
 def fail(session: Session, job_id: str, attempt: int, code: str, message: str) -> bool:
     """running -> failed, for errors that another attempt would not fix."""
-    return _transition(
+    return _guarded(
         session,
         job_id,
         _owned(attempt),
@@ -175,25 +252,9 @@ def fail(session: Session, job_id: str, attempt: int, code: str, message: str) -
     )
 
 
-def retry_later(session: Session, job_id: str, attempt: int, code: str, message: str) -> bool:
-    """running -> queued after a transient failure, or -> failed once attempts run out."""
-    row = session.execute(select(Job.max_attempts).where(Job.id == job_id)).scalar()
-    if row is not None and attempt >= row:
-        return fail(session, job_id, attempt, code, f"{message} (after {attempt} attempts)")
-    return _transition(
-        session,
-        job_id,
-        _owned(attempt),
-        RUNNING,
-        dict(status=QUEUED, error_code=code, error_message=message[:4000], dispatched_at=None),
-        attempt,
-        detail=code,
-    )
-
-
 def finish_cancelled(session: Session, job_id: str, attempt: int) -> bool:
     """running -> cancelled, by the worker that saw the cancel request."""
-    return _transition(
+    return _guarded(
         session,
         job_id,
         _owned(attempt),
@@ -201,11 +262,97 @@ def finish_cancelled(session: Session, job_id: str, attempt: int) -> bool:
         dict(
             status=CANCELLED,
             error_code="cancelled",
-            error_message="cancelled by request",
+            error_message=CANCEL_MESSAGE,
             finished_at=utcnow(),
         ),
         attempt,
     )
+
+
+def _back_or_out(
+    message: str, now: datetime, detail_code: str, last_message: Any = None
+) -> dict[str, Any]:
+    """SET values for running jobs leaving their attempt: cancelled when a cancel was asked
+    for (no worker would take a queued job with one), failed on the last attempt, queued
+    (waiting to be released again) otherwise."""
+    status = case(
+        (Job.cancel_requested.is_(True), literal(CANCELLED)),
+        (Job.attempt >= Job.max_attempts, literal(FAILED)),
+        else_=literal(QUEUED),
+    )
+    return dict(
+        status=status,
+        error_code=case(
+            (Job.cancel_requested.is_(True), literal("cancelled")), else_=literal(detail_code)
+        ),
+        error_message=case(
+            (Job.cancel_requested.is_(True), literal(f"{CANCEL_MESSAGE} ({message})"[:4000])),
+            (
+                Job.attempt >= Job.max_attempts,
+                last_message
+                if last_message is not None
+                else literal(f"{message}; no attempts left"[:4000]),
+            ),
+            else_=literal(message[:4000]),
+        ),
+        finished_at=case(
+            (Job.cancel_requested.is_(True), now),
+            (Job.attempt >= Job.max_attempts, now),
+            else_=None,
+        ),
+        dispatched_at=None,
+        updated_at=now,
+    )
+
+
+def retry_later(session: Session, job_id: str, attempt: int, code: str, message: str) -> bool:
+    """running -> queued after a transient failure; -> failed once attempts run out;
+    -> cancelled if a cancel came in meanwhile. One statement decides."""
+    now = utcnow()
+    last = literal(f"{message} (after {attempt} attempts)"[:4000])
+    values = _back_or_out(message, now, code, last)
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, _owned(attempt))
+        .values(**values)
+        .returning(Job.status, Job.tenant)
+    ).one_or_none()
+    if row is None:
+        return False
+    detail = "cancelled" if row.status == CANCELLED else code
+    _events(session, [_event(job_id, now, RUNNING, row.status, attempt, detail)])
+    if row.status == QUEUED:
+        count_queued(session, Counter({row.tenant: 1}))
+    return True
+
+
+def requeue_stale(session: Session, timeout_s: float, now: datetime | None = None) -> list[str]:
+    """Reaper: every running job whose worker stopped heart-beating, in one statement: back
+    to the queue, or failed on its last attempt, or cancelled when a cancel was asked for.
+    Returns the requeued ids."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=timeout_s)
+    message = f"worker stopped heart-beating for {timeout_s:.0f}s"
+    # The attempt that went silent, named in each row's message (one statement for all).
+    during = literal(f"{message} during attempt ") + cast(Job.attempt, String)
+    values = _back_or_out(message, now, "worker_lost", during + literal("; no attempts left"))
+    values["error_message"] = case(
+        (Job.cancel_requested.is_(True), literal(f"{CANCEL_MESSAGE} (") + during + literal(")")),
+        (Job.attempt >= Job.max_attempts, during + literal("; no attempts left")),
+        else_=during,
+    )
+    rows = session.execute(
+        update(Job)
+        .where(Job.status == RUNNING, Job.heartbeat_at < cutoff)
+        .values(**values)
+        .returning(Job.id, Job.status, Job.attempt, Job.tenant)
+    ).all()
+    _events(session, (_event(r.id, now, RUNNING, r.status, r.attempt, "worker_lost") for r in rows))
+    count_queued(session, Counter(r.tenant for r in rows if r.status == QUEUED))
+    return sorted(r.id for r in rows if r.status == QUEUED)
+
+
+# -- reads the worker needs ------------------------------------------------------------------
 
 
 def attempt_status(session: Session, job_id: str, attempt: int) -> str | None:
@@ -214,40 +361,36 @@ def attempt_status(session: Session, job_id: str, attempt: int) -> str | None:
     A worker whose guarded UPDATE matched no row after a retried commit asks this: the
     earlier try may have committed (only the reply was lost), in which case the row shows
     the attempt's own outcome (``succeeded`` can only have been written by that attempt)."""
-    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
-    if row is None or row.attempt != attempt:
-        return None
-    return row.status
+    return session.execute(
+        select(Job.status).where(Job.id == job_id, Job.attempt == attempt)
+    ).scalar_one_or_none()
 
 
-def cancel_if_requested(session: Session, job_id: str) -> bool:
-    """queued -> cancelled for a job whose cancel was asked for while it ran and that went
-    back to the queue (``retry_later``) before its worker saw the request: ``claim`` would
-    never take it and the reaper never dispatch it. False if there is nothing to cancel."""
-    row = session.execute(
-        select(Job.status, Job.attempt, Job.cancel_requested).where(Job.id == job_id)
-    ).one_or_none()
-    if row is None or row.status != QUEUED or not row.cancel_requested:
-        return False
-    return _cancel_queued(session, job_id, row.attempt)
+# -- cancels ---------------------------------------------------------------------------------
 
 
-def _cancel_queued(session: Session, job_id: str, attempt: int) -> bool:
-    """queued -> cancelled, guarded by the attempt the job was queued at."""
-    return _transition(
-        session,
-        job_id,
-        and_(Job.status == QUEUED, Job.attempt == attempt),
-        QUEUED,
-        dict(
-            status=CANCELLED,
+def _cancel(session: Session, where: ColumnElement[bool]) -> list[Any]:
+    """Queued jobs matching ``where`` end cancelled now, running ones are flagged for their
+    worker: one statement. Returns (id, status, attempt, tenant) of every row it touched."""
+    now = utcnow()
+    queued = Job.status == QUEUED
+    rows = session.execute(
+        update(Job)
+        .where(where, Job.status.in_((QUEUED, RUNNING)))
+        .values(
             cancel_requested=True,
-            error_code="cancelled",
-            error_message="cancelled by request",
-            finished_at=utcnow(),
-        ),
-        attempt,
-    )
+            status=case((queued, literal(CANCELLED)), else_=Job.status),
+            error_code=case((queued, literal("cancelled")), else_=Job.error_code),
+            error_message=case((queued, literal(CANCEL_MESSAGE)), else_=Job.error_message),
+            finished_at=case((queued, now), else_=Job.finished_at),
+            updated_at=now,
+        )
+        .returning(Job.id, Job.status, Job.attempt, Job.tenant)
+    ).all()
+    ended = [r for r in rows if r.status == CANCELLED]
+    _events(session, (_event(r.id, now, QUEUED, CANCELLED, r.attempt) for r in ended))
+    count_queued(session, Counter({t: -n for t, n in Counter(r.tenant for r in ended).items()}))
+    return rows
 
 
 def request_cancel(session: Session, job_id: str) -> str | None:
@@ -255,96 +398,101 @@ def request_cancel(session: Session, job_id: str) -> str | None:
 
     Returns the status the job is left in (``None`` if there is no such job).
     """
-    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+    rows = _cancel(session, Job.id == job_id)
+    if rows:
+        return rows[0].status
+    return session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+
+
+def cancel_batch(session: Session, batch_id: str) -> int:
+    """Cancel every unfinished video of the batch (one statement); how many it touched."""
+    return len(_cancel(session, Job.batch_id == batch_id))
+
+
+def cancel_if_requested(session: Session, job_id: str) -> bool:
+    """queued -> cancelled for a queued job that carries a cancel request (one that went back
+    to the queue before its worker saw the request: no one would ever take it)."""
+    now = utcnow()
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED, Job.cancel_requested.is_(True))
+        .values(
+            status=CANCELLED,
+            error_code="cancelled",
+            error_message=CANCEL_MESSAGE,
+            finished_at=now,
+            updated_at=now,
+        )
+        .returning(Job.attempt, Job.tenant)
+    ).one_or_none()
     if row is None:
-        return None
-    if row.status == QUEUED:
-        if _cancel_queued(session, job_id, row.attempt):
-            return CANCELLED
-        return request_cancel(session, job_id)  # it was claimed meanwhile: flag it instead
-    if row.status == RUNNING:
+        return False
+    _events(session, [_event(job_id, now, QUEUED, CANCELLED, row.attempt)])
+    count_queued(session, Counter({row.tenant: -1}))
+    return True
+
+
+def hide(session: Session, job_id: str, tenant: str) -> bool:
+    """Mark the tenant's job deleted (its objects are gone): it leaves every list."""
+    now = utcnow()
+    return (
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == RUNNING)
-            .values(cancel_requested=True, updated_at=utcnow())
-        )
-        return RUNNING
-    return row.status
+            .where(Job.id == job_id, Job.tenant == tenant, Job.deleted_at.is_(None))
+            .values(deleted_at=now, updated_at=now)
+            .returning(Job.id)
+        ).scalar_one_or_none()
+        is not None
+    )
 
 
-def mark_dispatched(session: Session, job_id: str) -> bool:
-    return _transition(session, job_id, Job.status == QUEUED, None, dict(dispatched_at=utcnow()), 0)
+# -- the scheduler's marks -------------------------------------------------------------------
 
 
-def requeue_stale(session: Session, timeout_s: float, now: datetime | None = None) -> list[str]:
-    """Reaper: running jobs whose worker stopped heart-beating go back to the queue (or fail,
-    when that was their last attempt; or end cancelled, when a cancel was asked for: no
-    worker would ever take a queued job with a cancel request). Returns the requeued ids."""
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=timeout_s)
-    stale = session.execute(
-        select(Job.id, Job.attempt, Job.max_attempts, Job.cancel_requested).where(
-            Job.status == RUNNING, Job.heartbeat_at < cutoff
-        )
-    ).all()
-    requeued = []
-    for job_id, attempt, max_attempts, cancel_requested in stale:
-        guard = and_(_owned(attempt), Job.heartbeat_at < cutoff)
-        message = f"worker stopped heart-beating for {timeout_s:.0f}s during attempt {attempt}"
-        if cancel_requested:
-            _transition(
-                session,
-                job_id,
-                guard,
-                RUNNING,
-                dict(
-                    status=CANCELLED,
-                    error_code="cancelled",
-                    error_message=f"cancelled by request ({message})",
-                    finished_at=now,
-                ),
-                attempt,
-                detail="worker_lost",
-            )
-        elif attempt >= max_attempts:
-            _transition(
-                session,
-                job_id,
-                guard,
-                RUNNING,
-                dict(
-                    status=FAILED,
-                    error_code="worker_lost",
-                    error_message=f"{message}; no attempts left",
-                    finished_at=now,
-                ),
-                attempt,
-                detail="worker_lost",
-            )
-        elif _transition(
-            session,
-            job_id,
-            guard,
-            RUNNING,
-            dict(status=QUEUED, dispatched_at=None),
-            attempt,
-            detail="worker_lost",
-        ):
-            requeued.append(job_id)
-    return requeued
-
-
-def undispatched(session: Session, older_than_s: float, now: datetime | None = None) -> list[str]:
-    """Queued jobs never dispatched, or dispatched so long ago the message must be lost."""
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=older_than_s)
+def release(session: Session, job_ids: Sequence[str], queue: str) -> list[str]:
+    """Mark waiting jobs as released to ``queue`` (one statement); the ids it marked. A job
+    cancelled, claimed or released by someone else meanwhile is left out."""
+    if not job_ids:
+        return []
+    now = utcnow()
     rows = session.execute(
-        select(Job.id)
+        update(Job)
         .where(
+            Job.id.in_(job_ids),
             Job.status == QUEUED,
+            Job.dispatched_at.is_(None),
             Job.cancel_requested.is_(False),
-            (Job.dispatched_at.is_(None)) | (Job.dispatched_at < cutoff),
         )
-        .order_by(Job.priority.desc(), Job.created_at)
-    ).scalars()
-    return list(rows)
+        .values(dispatched_at=now, updated_at=now)
+        .returning(Job.id, Job.attempt)
+    ).all()
+    detail = f"{RELEASED} to {queue}"
+    _events(session, (_event(r.id, now, QUEUED, QUEUED, r.attempt, detail) for r in rows))
+    return [r.id for r in rows]
+
+
+def unrelease(session: Session, job_ids: Sequence[str], why: str) -> list[str]:
+    """Released jobs whose message is gone (broker wiped, publish failed) wait again."""
+    if not job_ids:
+        return []
+    now = utcnow()
+    rows = session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == QUEUED, Job.dispatched_at.is_not(None))
+        .values(dispatched_at=None, updated_at=now)
+        .returning(Job.id, Job.attempt)
+    ).all()
+    _events(session, (_event(r.id, now, QUEUED, QUEUED, r.attempt, why) for r in rows))
+    return [r.id for r in rows]
+
+
+def recount_queued(session: Session) -> None:
+    """Set every tenant's counter from the jobs table (after an upgrade, or by an operator
+    who suspects drift): one GROUP BY, not for the request path."""
+    counts = dict(
+        session.execute(
+            select(Job.tenant, func.count()).where(Job.status == QUEUED).group_by(Job.tenant)
+        ).all()
+    )
+    session.execute(update(TenantCounter).values(queued=0))
+    count_queued(session, Counter(counts))

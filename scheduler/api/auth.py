@@ -20,12 +20,13 @@ import math
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.orm import Session
 
 from fvb_core.api_keys import Principal, principal_for_key
-from fvb_core.db.session import session_scope
 from fvb_core.net import is_loopback
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.errors import ApiError
+from scheduler.api.session import SessionDep
 
 DEFAULT_TENANT = "default"
 
@@ -56,7 +57,7 @@ def _require_loopback(request: Request) -> None:
 
 
 def current_principal(
-    request: Request, context: Annotated[ApiContext, Depends(get_context)]
+    request: Request, context: Annotated[ApiContext, Depends(get_context)], session: SessionDep
 ) -> Principal:
     """FastAPI dependency: who the request acts for, or 401 (429 after too many wrong keys)."""
     if not context.settings.auth_enabled:
@@ -79,8 +80,8 @@ def current_principal(
             code="too_many_auth_failures",
             headers={"Retry-After": str(math.ceil(wait))},
         )
-    with session_scope(context.settings.database_url) as session:
-        principal = principal_for_key(session, key)
+    principal = principal_for_key(session, key)
+    session.commit()  # a read: no transaction stays open behind the route
     if principal is None:
         context.auth_limiter.record_failure(address)
         shown = key[:8] + "..." if len(key) > 8 else "..."
@@ -88,11 +89,11 @@ def current_principal(
     return principal
 
 
-def optional_principal(request: Request, context: ApiContext) -> Principal | None:
+def optional_principal(request: Request, context: ApiContext, session: Session) -> Principal | None:
     """Who sent the request if it carries a live key (or auth is off on loopback); None
     otherwise. For routes anyone may call that say more to operators; never raises."""
     try:
-        return current_principal(request, context)
+        return current_principal(request, context, session)
     except ApiError:
         return None
 
@@ -113,4 +114,5 @@ def current_operator(principal: Annotated[Principal, Depends(current_principal)]
 
 
 Tenant = Annotated[str, Depends(current_tenant)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 Operator = Annotated[Principal, Depends(current_operator)]

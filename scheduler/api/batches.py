@@ -9,11 +9,12 @@ import logging
 import secrets
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
+from fvb_core.api_keys import Principal
 from fvb_core.db import transitions
 from fvb_core.db.models import Batch, Job, utcnow
-from fvb_core.db.session import session_scope
 from fvb_core.jobs import UNFINISHED_STATUSES, BatchStatus, JobStatus
 from scheduler.api import jobs
 from scheduler.api.context import ApiContext
@@ -76,9 +77,9 @@ def _requests(context: ApiContext, value: Any) -> list:
     return validated
 
 
-def create(context: ApiContext, tenant: str, body: Any) -> Batch:
-    """The batch and its videos in one transaction (none are stored if any is invalid or the
-    queue has no room for all), then each video's message; a failed publish is the reaper's."""
+def create(session: Session, context: ApiContext, principal: Principal, body: Any) -> Batch:
+    """The batch and its videos in one transaction: none is stored if any is invalid or the
+    tenant has no room for all of them. The scheduler releases them from there."""
     if not isinstance(body, dict):
         raise ApiError.invalid("body", "the body must be a JSON object")
     unknown = sorted(set(body) - {"requests", "metadata"})
@@ -90,64 +91,62 @@ def create(context: ApiContext, tenant: str, body: Any) -> Batch:
     requests = _requests(context, body.get("requests"))
     batch_id = new_batch_id()
     requests = [dataclasses.replace(r, batch_id=batch_id) for r in requests]
-    with session_scope(context.settings.database_url) as session:
-        jobs.admit_count(session, context, len(requests))
-    rows = [jobs.new_job(context, tenant, request) for request in requests]
+    jobs.admit(session, context, principal, len(requests))
+    session.commit()  # no transaction held while images upload
+    rows = [jobs.new_job(context, principal.tenant, request) for request in requests]
     now = utcnow()
     batch = Batch(
         id=batch_id,
-        tenant=tenant,
+        tenant=principal.tenant,
         status=BatchStatus.OPEN,
         params={"metadata": metadata} if metadata else None,
         created_at=now,
         updated_at=now,
     )
-    with session_scope(context.settings.database_url) as session:
-        session.add(batch)
-        session.flush()
-        for row in rows:
-            transitions.create_job(session, row)
-    for row, request in zip(rows, requests, strict=True):
-        jobs.dispatch_job(context, row, request.model.pool)
+    session.add(batch)
+    session.flush()
+    transitions.create_jobs(session, rows)
+    session.commit()
     log.info("batch %s created with %d videos", batch_id, len(rows))
-    return get(context, tenant, batch_id)
+    return get(session, principal.tenant, batch_id)
 
 
-def get(context: ApiContext, tenant: str, batch_id: str) -> Batch:
-    with session_scope(context.settings.database_url) as session:
-        batch = session.execute(
-            select(Batch).where(Batch.id == batch_id, Batch.tenant == tenant)
-        ).scalar_one_or_none()
+def get(session: Session, tenant: str, batch_id: str) -> Batch:
+    batch = session.execute(
+        select(Batch).where(Batch.id == batch_id, Batch.tenant == tenant)
+    ).scalar_one_or_none()
+    session.commit()
     if batch is None:
         raise ApiError.not_found(f"No batch found with id '{batch_id}'", "batch_id")
     return batch
 
 
 def list_page(
-    context: ApiContext, tenant: str, after: str | None, limit: int
+    session: Session, tenant: str, after: str | None, limit: int
 ) -> tuple[list[Batch], bool]:
     """The tenant's batches, newest first, after the cursor batch; and whether more follow."""
-    with session_scope(context.settings.database_url) as session:
-        return keyset_page(
-            session,
-            select(Batch).where(Batch.tenant == tenant),
-            Batch,
-            tenant=tenant,
-            after=after,
-            limit=limit,
-            descending=True,
-            noun="batch",
-        )
+    rows, more = keyset_page(
+        session,
+        select(Batch).where(Batch.tenant == tenant),
+        Batch,
+        tenant=tenant,
+        after=after,
+        limit=limit,
+        descending=True,
+        noun="batch",
+    )
+    session.commit()
+    return rows, more
 
 
-def counts(context: ApiContext, batch_id: str) -> dict[str, int]:
+def counts(session: Session, batch_id: str) -> dict[str, int]:
     """The batch's videos by status (deleted ones are not counted)."""
-    with session_scope(context.settings.database_url) as session:
-        rows = session.execute(
-            select(Job.status, func.count())
-            .where(Job.batch_id == batch_id, Job.deleted_at.is_(None))
-            .group_by(Job.status)
-        ).all()
+    rows = session.execute(
+        select(Job.status, func.count())
+        .where(Job.batch_id == batch_id, Job.deleted_at.is_(None))
+        .group_by(Job.status)
+    ).all()
+    session.commit()
     return request_counts({status: count for status, count in rows})
 
 
@@ -163,24 +162,16 @@ def request_counts(by_status: dict[str, int]) -> dict[str, int]:
     }
 
 
-def cancel(context: ApiContext, tenant: str, batch_id: str) -> Batch:
+def cancel(session: Session, tenant: str, batch_id: str) -> Batch:
     """Close the batch to new videos and cancel each unfinished one (queued ones now,
-    running ones at their next step)."""
-    get(context, tenant, batch_id)
-    with session_scope(context.settings.database_url) as session:
-        session.execute(
-            Batch.__table__.update()
-            .where(Batch.id == batch_id)
-            .values(status=BatchStatus.CANCELLED, updated_at=utcnow())
-        )
-    with session_scope(context.settings.database_url) as session:
-        unfinished = list(
-            session.execute(
-                select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(_UNFINISHED))
-            ).scalars()
-        )
-    for job_id in unfinished:  # one transaction each: a job may finish meanwhile
-        with session_scope(context.settings.database_url) as session:
-            transitions.request_cancel(session, job_id)
-    log.info("batch %s cancelled: %d unfinished videos asked to stop", batch_id, len(unfinished))
-    return get(context, tenant, batch_id)
+    running ones at their next step): two statements, one transaction."""
+    get(session, tenant, batch_id)
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.tenant == tenant)
+        .values(status=BatchStatus.CANCELLED, updated_at=utcnow())
+    )
+    touched = transitions.cancel_batch(session, batch_id)
+    session.commit()
+    log.info("batch %s cancelled: %d unfinished videos asked to stop", batch_id, touched)
+    return get(session, tenant, batch_id)

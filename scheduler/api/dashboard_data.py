@@ -19,7 +19,6 @@ from sqlalchemy import case, distinct, func, select
 from sqlalchemy.orm import Session
 
 from fvb_core.db.models import Batch, Job, utcnow
-from fvb_core.db.session import session_scope
 from fvb_core.jobs import JobStatus
 from scheduler.api.batches import request_counts
 from scheduler.api.context import ApiContext
@@ -378,12 +377,15 @@ def _batches(session: Session, tenant: str) -> list[BatchObject]:
     ]
 
 
-def collect(context: ApiContext, tenant: str, status_filter: str | None = None) -> DashboardData:
-    """Everything the dashboard shows `tenant`, as of now."""
+def collect(
+    session: Session, context: ApiContext, tenant: str, status_filter: str | None = None
+) -> DashboardData:
+    """Everything the dashboard shows `tenant`, as of now (one read, in the request's
+    session)."""
     now = utcnow()
     timeout_s = context.settings.heartbeat_timeout_s
     heartbeat_cutoff = now - timedelta(seconds=timeout_s)
-    with session_scope(context.settings.database_url) as session:
+    try:
         return DashboardData(
             tenant=tenant,
             generated_at=unix(now) or 0,
@@ -398,3 +400,5 @@ def collect(context: ApiContext, tenant: str, status_filter: str | None = None) 
             jobs=_latest_jobs(session, tenant, status_filter, now),
             batches=_batches(session, tenant),
         )
+    finally:
+        session.commit()

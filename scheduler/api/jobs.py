@@ -1,24 +1,26 @@
-"""What the video routes do to jobs: submit (idempotency, admission, image upload, insert,
-dispatch), find, list, cancel, delete. State changes go through
-:mod:`fvb_core.db.transitions`; the routes stay thin and this module never sees HTTP."""
+"""What the video routes do to jobs: submit (idempotency, per-tenant admission, image upload,
+insert), find, list, cancel, delete. Nothing here publishes: a job is a queued row, and the
+scheduler releases it to the workers (``scheduler/release.py``), so a broker that is down
+or hung never slows a submission. State changes go through :mod:`fvb_core.db.transitions`;
+every function works in the request's session and commits what it writes."""
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import secrets
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from datetime import timedelta
 
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fvb_core.api_keys import Principal
 from fvb_core.db import transitions
 from fvb_core.db.models import Batch, Job, utcnow
-from fvb_core.db.session import session_scope
 from fvb_core.jobs import BatchStatus, JobParams, JobStatus
 from fvb_core.storage import StorageUnavailable
 from scheduler.api.context import ApiContext
@@ -26,20 +28,17 @@ from scheduler.api.errors import ApiError
 from scheduler.api.images import input_image_key
 from scheduler.api.pagination import keyset_page
 from scheduler.api.validation import SEED_MAX, VideoRequest
-from scheduler.dispatch import dispatch
 
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_CHARS = 255
-#: What a 429 tells the client to wait: long enough for a few jobs to drain.
-RETRY_AFTER_S = 30
-#: How long a submission waits for the broker to take its message. A broker that refuses
-#: connections fails fast; one that hangs (paused, partitioned) would block the publish
-#: indefinitely, so past this the request answers and the publish finishes on its own or
-#: the reaper re-sends the job.
-DISPATCH_WAIT_S = 5.0
-_dispatcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dispatch")
+#: How far back the drain rate of a tenant is measured (its finished jobs).
+DRAIN_WINDOW_S = 600
+#: Bounds of the Retry-After a full tenant is told.
+RETRY_AFTER_BOUNDS_S = (1, 3600)
+#: Retry-After for a tenant whose jobs have not been finishing lately.
+RETRY_AFTER_IDLE_S = 60
 
 
 @dataclass(frozen=True)
@@ -67,37 +66,51 @@ def _replay(job: Job, request_hash: str) -> Submitted:
     return Submitted(job, created=False)
 
 
-def _admit(session: Session, context: ApiContext, tenant: str, request: VideoRequest) -> None:
-    if request.batch_id is not None:
-        status = session.execute(
-            select(Batch.status).where(Batch.id == request.batch_id, Batch.tenant == tenant)
-        ).scalar_one_or_none()
-        if status is None:
-            raise ApiError.not_found(f"No batch found with id '{request.batch_id}'", "batch_id")
-        if status == BatchStatus.CANCELLED:
-            raise ApiError(
-                409,
-                f"batch '{request.batch_id}' was cancelled; it takes no new videos",
-                param="batch_id",
-                code="batch_cancelled",
-            )
-    admit_count(session, context, 1)
-
-
-def admit_count(session: Session, context: ApiContext, count: int) -> None:
-    """429 unless the queue has room for ``count`` more jobs."""
-    queued = session.execute(
-        select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
-    ).scalar_one()
-    limit = context.settings.max_queued_jobs
-    if queued + count > limit:
-        room = "" if count == 1 else f", no room for {count} more"
+def check_batch_open(session: Session, tenant: str, batch_id: str) -> None:
+    status = session.execute(
+        select(Batch.status).where(Batch.id == batch_id, Batch.tenant == tenant)
+    ).scalar_one_or_none()
+    if status is None:
+        raise ApiError.not_found(f"No batch found with id '{batch_id}'", "batch_id")
+    if status == BatchStatus.CANCELLED:
         raise ApiError(
-            429,
-            f"The service has {queued} queued jobs (limit {limit}){room}; retry later",
-            code="queue_full",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
+            409,
+            f"batch '{batch_id}' was cancelled; it takes no new videos",
+            param="batch_id",
+            code="batch_cancelled",
         )
+
+
+def drain_retry_after(session: Session, tenant: str, excess: int) -> int:
+    """Seconds until ``excess`` of the tenant's jobs should have drained, at the rate its jobs
+    finished over the last ``DRAIN_WINDOW_S`` (bounded)."""
+    since = utcnow() - timedelta(seconds=DRAIN_WINDOW_S)
+    finished = session.execute(
+        select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.finished_at >= since)
+    ).scalar_one()
+    if not finished:
+        return RETRY_AFTER_IDLE_S
+    low, high = RETRY_AFTER_BOUNDS_S
+    return max(low, min(high, math.ceil(excess * DRAIN_WINDOW_S / finished)))
+
+
+def admit(session: Session, context: ApiContext, principal: Principal, count: int) -> None:
+    """429 unless the tenant has room for ``count`` more queued jobs (its key's limit, else
+    ``max_queued_jobs``). One counter row is read, never the backlog; a batch that does not
+    fit is refused whole."""
+    limit = principal.max_queued or context.settings.max_queued_jobs
+    queued = transitions.queued_of(session, principal.tenant)
+    if queued + count <= limit:
+        return
+    wait = drain_retry_after(session, principal.tenant, queued + count - limit)
+    room = "" if count == 1 else f", no room for {count} more"
+    raise ApiError(
+        429,
+        f"Tenant '{principal.tenant}' has {queued} queued jobs (limit {limit}){room}; "
+        f"retry in about {wait} s",
+        code="queue_full",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 def _upload_image(context: ApiContext, job_id: str, png: bytes) -> str:
@@ -118,13 +131,14 @@ def _upload_image(context: ApiContext, job_id: str, png: bytes) -> str:
 
 
 def submit(
-    context: ApiContext, tenant: str, request: VideoRequest, idempotency_key: str | None
+    session: Session,
+    context: ApiContext,
+    principal: Principal,
+    request: VideoRequest,
+    idempotency_key: str | None,
 ) -> Submitted:
-    """Admit, store the image, insert the job (queued), then dispatch it.
-
-    A failed dispatch leaves the job queued with ``dispatched_at`` NULL: the reaper sends it.
-    """
-    settings = context.settings
+    """Admit, store the image, insert the job (queued): the scheduler takes it from there."""
+    tenant = principal.tenant
     request_hash = request.request_hash()
     if idempotency_key is not None and (
         not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS
@@ -133,33 +147,34 @@ def submit(
             IDEMPOTENCY_HEADER,
             f"{IDEMPOTENCY_HEADER} must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters",
         )
-    with session_scope(settings.database_url) as session:
-        if idempotency_key is not None:
-            existing = _find_by_key(session, tenant, idempotency_key)
-            if existing is not None:
-                return _replay(existing, request_hash)
-        _admit(session, context, tenant, request)
+    if idempotency_key is not None:
+        existing = _find_by_key(session, tenant, idempotency_key)
+        if existing is not None:
+            session.commit()
+            return _replay(existing, request_hash)
+    if request.batch_id is not None:
+        check_batch_open(session, tenant, request.batch_id)
+    admit(session, context, principal, 1)
+    session.commit()  # no transaction held while the image uploads
 
     job = new_job(context, tenant, request, idempotency_key)
-    job_id = job.id
-    image_key = JobParams.from_json(job.params).input_image_key
     try:
-        with session_scope(settings.database_url) as session:
-            transitions.create_job(session, job)
+        transitions.create_job(session, job)
+        session.commit()
     except IntegrityError:
         # Two requests with one Idempotency-Key raced; the other inserted first.
+        session.rollback()
         if idempotency_key is None:
             raise
-        with session_scope(settings.database_url) as session:
-            existing = _find_by_key(session, tenant, idempotency_key)
+        existing = _find_by_key(session, tenant, idempotency_key)
+        session.commit()
         if existing is None:
             raise
-        if image_key is not None:
-            _forget_objects(context, job_id)
+        if JobParams.from_json(job.params).input_image_key is not None:
+            _forget_objects(context, job.id)
         return _replay(existing, request_hash)
-
-    _dispatch(context, job.id, request.model.pool, request.priority)
-    return Submitted(get(context, tenant, job.id), created=True)
+    log.info("job %s queued for tenant %s (model %s)", job.id, tenant, job.model)
+    return Submitted(job, created=True)
 
 
 def new_job(
@@ -169,12 +184,15 @@ def new_job(
     job_id = transitions.new_job_id()
     image_key = _upload_image(context, job_id, request.image.png) if request.image else None
     seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
+    params = request.job_params(seed, image_key)
     now = utcnow()
     return Job(
         id=job_id,
         tenant=tenant,
         model=request.model.name,
-        params=request.job_params(seed, image_key).to_json(),
+        pool=request.model.pool,
+        work=params.work,
+        params=params.to_json(),
         priority=request.priority,
         max_attempts=context.settings.job_max_attempts,
         idempotency_key=idempotency_key,
@@ -185,31 +203,12 @@ def new_job(
     )
 
 
-def dispatch_job(context: ApiContext, job: Job, pool: str) -> None:
-    _dispatch(context, job.id, pool, job.priority)
-
-
-def _dispatch(context: ApiContext, job_id: str, pool: str, priority: int) -> None:
-    """Publish the job's message; never fail the request over it (the job is committed)."""
-    future = _dispatcher.submit(dispatch, context.settings, job_id, pool, priority)
-    try:
-        future.result(timeout=DISPATCH_WAIT_S)
-    except FutureTimeout:
-        log.warning(
-            "dispatch of %s still waiting on the broker after %.0fs; answering without it",
-            job_id,
-            DISPATCH_WAIT_S,
-        )
-    except Exception as err:  # broker down: the reaper re-sends undispatched jobs
-        log.warning("dispatch of %s failed, left for the reaper: %s", job_id, err)
-
-
-def get(context: ApiContext, tenant: str, job_id: str) -> Job:
+def get(session: Session, tenant: str, job_id: str) -> Job:
     """The tenant's job, or 404 (also for another tenant's job and for deleted ones)."""
-    with session_scope(context.settings.database_url) as session:
-        job = session.execute(
-            select(Job).where(Job.id == job_id, Job.tenant == tenant, Job.deleted_at.is_(None))
-        ).scalar_one_or_none()
+    job = session.execute(
+        select(Job).where(Job.id == job_id, Job.tenant == tenant, Job.deleted_at.is_(None))
+    ).scalar_one_or_none()
+    session.commit()
     if job is None:
         raise ApiError.not_found(f"No video found with id '{job_id}'", "video_id")
     return job
@@ -222,7 +221,7 @@ class Page:
 
 
 def list_page(
-    context: ApiContext,
+    session: Session,
     tenant: str,
     *,
     after: str | None,
@@ -237,27 +236,27 @@ def list_page(
         query = query.where(Job.status.in_(statuses))
     if batch_id is not None:
         query = query.where(Job.batch_id == batch_id)
-    with session_scope(context.settings.database_url) as session:
-        jobs, has_more = keyset_page(
-            session,
-            query,
-            Job,
-            tenant=tenant,
-            after=after,
-            limit=limit,
-            descending=descending,
-            noun="video",
-        )
+    jobs, has_more = keyset_page(
+        session,
+        query,
+        Job,
+        tenant=tenant,
+        after=after,
+        limit=limit,
+        descending=descending,
+        noun="video",
+    )
+    session.commit()
     return Page(jobs=jobs, has_more=has_more)
 
 
-def cancel(context: ApiContext, tenant: str, job_id: str) -> Job:
+def cancel(session: Session, tenant: str, job_id: str) -> Job:
     """Queued: cancelled now. Running: flagged, the worker stops at its next step. Final: as is."""
-    get(context, tenant, job_id)
-    with session_scope(context.settings.database_url) as session:
-        left_in = transitions.request_cancel(session, job_id)
+    get(session, tenant, job_id)
+    left_in = transitions.request_cancel(session, job_id)
+    session.commit()
     log.info("cancel requested for %s: now %s", job_id, left_in)
-    return get(context, tenant, job_id)
+    return get(session, tenant, job_id)
 
 
 def _forget_objects(context: ApiContext, job_id: str) -> list[str]:
@@ -271,12 +270,12 @@ def _forget_objects(context: ApiContext, job_id: str) -> list[str]:
     return keys
 
 
-def delete(context: ApiContext, tenant: str, job_id: str) -> None:
+def delete(session: Session, context: ApiContext, tenant: str, job_id: str) -> None:
     """Cancel if unfinished, delete its stored objects, then hide the job (``deleted_at``)."""
-    job = get(context, tenant, job_id)
+    job = get(session, tenant, job_id)
     if not JobStatus(job.status).is_final:
-        with session_scope(context.settings.database_url) as session:
-            transitions.request_cancel(session, job_id)
+        transitions.request_cancel(session, job_id)
+        session.commit()
     try:
         keys = _forget_objects(context, job_id)
     except StorageUnavailable as err:
@@ -286,10 +285,6 @@ def delete(context: ApiContext, tenant: str, job_id: str) -> None:
             "storage is unavailable: the video's files could not be deleted; retry the delete",
             code="storage_unavailable",
         ) from err
-    with session_scope(context.settings.database_url) as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.deleted_at.is_(None))
-            .values(deleted_at=utcnow(), updated_at=utcnow())
-        )
+    transitions.hide(session, job_id, tenant)
+    session.commit()
     log.info("deleted %s (%d stored objects)", job_id, len(keys))

@@ -414,6 +414,8 @@ def validate_create(fields: dict[str, Any], models: dict[str, ServedModel]) -> V
             "unknown_parameter",
         )
     model = _pick_model(fields, models)
+    if model.routing_problem:
+        raise ApiError.invalid("model", model.routing_problem, "no_pool_can_run")
     prompt = _prompt("prompt", fields.get("prompt"), required=True)
     assert prompt is not None
     negative = _prompt("negative_prompt", fields.get("negative_prompt"), required=False)

@@ -55,7 +55,7 @@ T2V_PARAMS = {
 # --- create ------------------------------------------------------------------------------
 
 
-def test_multipart_create_stores_validated_params_and_puts_message_on_pool_queue(
+def test_multipart_create_stores_validated_params_and_leaves_the_job_to_the_scheduler(
     client, acme, settings, broker
 ):
     response = submit(
@@ -99,8 +99,9 @@ def test_multipart_create_stores_validated_params_and_puts_message_on_pool_queue
         "metadata": {"shot": "12", "take": "b"},
     }
     assert len(job.request_hash) == 64
-    assert job.dispatched_at is not None
-    assert video["id"] in queued_job_ids(broker, f"gpu.{T2V_POOL}")
+    # The API only stores the job: the scheduler releases it to the pool's queue.
+    assert (job.pool, job.dispatched_at) == (T2V_POOL, None) and job.work > 0
+    assert video["id"] not in queued_job_ids(broker, f"gpu.{T2V_POOL}")
     assert events(settings, video["id"]) == [(None, "queued")]
 
 
@@ -212,7 +213,7 @@ def test_image_to_video_stores_the_reference_as_png_before_the_job(
     assert stored["ContentType"] == "image/png"
     image = Image.open(io.BytesIO(stored["Body"].read()))
     assert (image.format, image.mode, image.size) == ("PNG", "RGB", (80, 48))
-    assert job_id in queued_job_ids(broker, f"gpu.{I2V_POOL}")
+    assert job.pool == I2V_POOL and job_id not in queued_job_ids(broker, f"gpu.{I2V_POOL}")
 
     # The same image as a data URL (JPEG this time) in a JSON body.
     jpeg = png_bytes((32, 32), fmt="JPEG")
@@ -282,15 +283,23 @@ def test_same_idempotency_key_with_a_different_body_is_a_conflict(client, acme, 
     assert other.status_code == 200
 
 
-def test_admission_returns_429_with_retry_after_when_queue_is_full(client, acme, settings):
+def test_admission_returns_429_with_retry_after_when_the_tenants_queue_is_full(
+    client, acme, globex, settings
+):
     with session_scope(settings.database_url) as session:
-        queued = len(session.execute(select(Job.id).where(Job.status == "queued")).all())
+        queued = len(
+            session.execute(
+                select(Job.id).where(Job.status == "queued", Job.tenant == "acme")
+            ).all()
+        )
     tight = TestClient(create_app(settings.model_copy(update={"max_queued_jobs": queued + 1})))
     assert submit(tight, acme).status_code == 200
     response = submit(tight, acme)
-    error = assert_error(response, 429, None, f"{queued + 1} queued jobs", "retry later")
+    error = assert_error(response, 429, None, f"'acme' has {queued + 1} queued jobs", "retry in")
     assert error["code"] == "queue_full"
     assert int(response.headers["Retry-After"]) > 0
+    # The limit is the tenant's: another tenant is not blocked by it.
+    assert submit(tight, globex).status_code == 200
 
 
 def test_job_in_an_existing_batch_is_listed_under_it(client, acme, settings):
@@ -601,23 +610,19 @@ def test_stopped_broker_fails_readyz_but_not_submissions(
     assert client.get("/readyz").status_code == 200
 
 
-def test_hung_broker_does_not_hang_submissions(client, acme, settings, valkey_server, monkeypatch):
-    monkeypatch.setattr("scheduler.api.jobs.DISPATCH_WAIT_S", 0.5)
+def test_hung_broker_does_not_touch_submissions(client, acme, settings, valkey_server):
+    """Nothing on the request path talks to the broker: a frozen one changes nothing."""
     valkey_server.pause()  # accepts connections, never answers
     try:
-        started = time.monotonic()
         created = submit(client, acme)
-        elapsed = time.monotonic() - started
         assert created.status_code == 200, created.text
-        assert elapsed < 5
+        batch = client.post(
+            "/v1/batches", json={"requests": [{"model": T2V, "prompt": "b"}] * 50}, headers=acme
+        )
+        assert batch.status_code == 200, batch.text
         assert load_job(settings, created.json()["id"]).dispatched_at is None
     finally:
         valkey_server.resume()
-    # The publish that was waiting goes through once the broker answers again.
-    deadline = time.monotonic() + 10
-    while load_job(settings, created.json()["id"]).dispatched_at is None:
-        assert time.monotonic() < deadline, "the pending publish never completed"
-        time.sleep(0.05)
 
 
 def test_metrics_need_an_operator_key(client, acme):
@@ -675,7 +680,6 @@ def test_openai_sdk_round_trip(server_url, keys, settings, s3, broker):
     assert video.model_extra["metadata"] == {"run": "sdk"}
     assert video.model_extra["num_frames"] == 17
     assert load_job(settings, video.id).params["seed"] == 7
-    assert video.id in queued_job_ids(broker, f"gpu.{T2V_POOL}")
 
     by_url = client.videos.create(
         model=I2V, prompt="a dog", extra_body={"input_reference": data_url(png_bytes((48, 32)))}

@@ -33,7 +33,7 @@ def stored(settings) -> tuple[int, int]:
         )
 
 
-def test_batch_with_videos_queues_and_dispatches_each(client, acme, broker, settings):
+def test_batch_with_videos_stores_each_for_the_scheduler(client, acme, broker, settings):
     body = {
         "metadata": {"dataset": "pandas-v1"},
         "requests": [video(seed=1), video(seed=2, size="32x32"), video(seed=3)],
@@ -56,8 +56,9 @@ def test_batch_with_videos_queues_and_dispatches_each(client, acme, broker, sett
     assert [v["seed"] for v in listed["data"]] == [1, 2, 3]
     assert {v["batch_id"] for v in listed["data"]} == {batch["id"]}
     assert listed["data"][1]["size"] == "32x32"
+    # Stored only: the scheduler releases them (a batch never waits on the broker).
     waiting = set(queued_job_ids(broker, f"gpu.{T2V_POOL}"))
-    assert {v["id"] for v in listed["data"]} <= waiting
+    assert not {v["id"] for v in listed["data"]} & waiting
 
 
 def test_one_bad_request_rejects_the_whole_batch_naming_it(client, acme, settings):
@@ -92,12 +93,14 @@ def test_malformed_batch_bodies_name_the_field(client, acme, settings):
 def test_batch_that_does_not_fit_the_queue_is_refused_whole(client, acme, settings):
     with session_scope(settings.database_url) as session:
         queued = session.execute(
-            select(func.count()).select_from(Job).where(Job.status == "queued")
+            select(func.count())
+            .select_from(Job)
+            .where(Job.status == "queued", Job.tenant == "acme")
         ).scalar_one()
     tight = TestClient(create_app(settings.model_copy(update={"max_queued_jobs": queued + 1})))
     before = stored(settings)
     response = tight.post("/v1/batches", json={"requests": [video(), video()]}, headers=acme)
-    error = assert_error(response, 429, None, "no room for 2 more", "retry later")
+    error = assert_error(response, 429, None, "no room for 2 more", "retry in")
     assert error["code"] == "queue_full" and int(response.headers["Retry-After"]) > 0
     assert stored(settings) == before
 

@@ -200,18 +200,7 @@ def test_cancel_requested_while_storing_refuses_success(db_url):
 
 
 def test_higher_api_priority_is_served_first_by_redis():
-    from scheduler.dispatch import redis_priority
+    from fvb_core.queue import priority_level
 
-    assert redis_priority(10) == 0 < redis_priority(0) < redis_priority(-10) == 9
-    assert redis_priority(99) == 0 and redis_priority(-99) == 9
-
-
-def test_fair_share_drops_a_level_per_step_of_backlog_at_most_levels():
-    from scheduler.dispatch import redis_priority
-
-    base = redis_priority(0)
-    assert [redis_priority(0, backlog, 8, 2) for backlog in (0, 7, 8, 15, 16, 999)] == [
-        base, base, base + 1, base + 1, base + 2, base + 2
-    ]  # fmt: skip
-    assert redis_priority(-10, 999, 8, 2) == 9  # never past the last level
-    assert redis_priority(0, 999, 0, 2) == redis_priority(0, 999, 8, 0) == base  # off
+    assert priority_level(10) == 0 < priority_level(0) < priority_level(-10) == 9
+    assert priority_level(99) == 0 and priority_level(-99) == 9

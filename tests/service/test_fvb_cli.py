@@ -151,7 +151,7 @@ def test_scheduler_logs_its_info_lines(tmp_path, tiny_t2v):
     )
     try:
         line = process.stderr.readline()
-        assert "INFO scheduler.reaper: reaper started" in line, line
+        assert "INFO scheduler.process: scheduler started" in line, line
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

@@ -2,8 +2,8 @@
 cpu``), real Valkey, S3 (SeaweedFS) and databases, tiny random-weight Wan models.
 Outages of the store and the database are in ``test_worker_outages.py``.
 
-Jobs are inserted with ``transitions.create_job`` and sent with ``scheduler.dispatch``, as the
-API does. Two workers serve the SQLite tests; one more, on its own pool, serves the Postgres
+Jobs are inserted with ``transitions.create_job``, then released and published as the
+scheduler does. Two workers serve the SQLite tests; one more, on its own pool, serves the Postgres
 test. "Slow" jobs use a wider DiT with classifier-free guidance (~0.1 s a step on one CPU
 thread), so there is time to kill, cancel or take the store away in the middle of one.
 """
@@ -42,7 +42,7 @@ from fvb_core.db.migrate import upgrade
 from fvb_core.db.models import Job, JobEvent
 from fvb_core.db.session import session_scope
 from fvb_core.models_config import ServedModel
-from fvb_core.queue import RENDER_TASK, make_celery, queue_for_pool
+from fvb_core.queue import RENDER_TASK, make_celery, publish, queue_for_pool
 from fvb_core.settings import Settings
 from fvb_core.storage import (
     VideoStore,
@@ -52,7 +52,6 @@ from fvb_core.storage import (
     video_key,
 )
 from fvb_tools.localstack.process import die_with_parent
-from scheduler.dispatch import dispatch
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)
@@ -170,11 +169,14 @@ class Stack:
             **(SLOW if model == "slow" else TINY),
             **overrides,
         }
+        pool = self.settings.worker_pool
         with session_scope(self.url) as session:
             job = transitions.create_job(
-                session, Job(tenant="acme", model=model, params=params, max_attempts=3)
+                session, Job(tenant="acme", model=model, pool=pool, params=params, max_attempts=3)
             )
-        dispatch(self.settings, job.id, self.settings.worker_pool)
+            # What the scheduler does for it: mark it released, then publish.
+            transitions.release(session, [job.id], queue_for_pool(pool))
+        publish(self.settings, job.id, pool)
         return job.id
 
     def row(self, job_id: str) -> Job:
@@ -182,10 +184,14 @@ class Stack:
             return session.get(Job, job_id)
 
     def events(self, job_id: str) -> list[tuple]:
+        """The job's state changes (the scheduler's release marks, queued -> queued, apart)."""
         with session_scope(self.url) as session:
             rows = session.execute(
                 select(JobEvent.from_status, JobEvent.to_status, JobEvent.attempt)
-                .where(JobEvent.job_id == job_id)
+                .where(
+                    JobEvent.job_id == job_id,
+                    JobEvent.from_status.is_distinct_from(JobEvent.to_status),
+                )
                 .order_by(JobEvent.id)
             ).all()
         return [tuple(r) for r in rows]
@@ -703,7 +709,7 @@ def test_pipeline_cache_loads_each_model_once_and_drops_the_least_recently_used(
 
 
 def test_killed_child_is_requeued_and_finishes_as_attempt_two(stack):
-    from scheduler.reaper import run_reaper_once
+    from scheduler.process import run_pass
 
     job_id = stack.submit("slow", prompt="a drone shot over a city at night")
     stack.wait_progress(job_id, 10)
@@ -715,7 +721,7 @@ def test_killed_child_is_requeued_and_finishes_as_attempt_two(stack):
 
     def reap() -> None:
         while not stop.wait(0.2):
-            run_reaper_once(reaper)
+            run_pass(reaper)
 
     thread = threading.Thread(target=reap, daemon=True)
     thread.start()

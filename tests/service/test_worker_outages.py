@@ -28,7 +28,7 @@ from fvb_core.db.models import Job
 from fvb_core.db.session import session_scope
 from fvb_core.storage import sidecar_key, video_key
 from fvb_tools.localstack import start_postgres
-from scheduler.reaper import run_reaper_once
+from scheduler.process import run_pass
 
 from .test_worker import (
     SLOW,
@@ -92,7 +92,7 @@ def reaper(stack: Stack, heartbeat_timeout_s: float = 2.0) -> Iterator[None]:
     def reap() -> None:
         while not stop.wait(0.2):
             try:
-                run_reaper_once(settings)
+                run_pass(settings)
             except Exception:  # the database may be coming back; the next pass retries
                 continue
 
@@ -424,8 +424,9 @@ def test_requeued_job_whose_first_attempt_left_objects_ends_with_only_the_winner
 
 
 def test_a_cancel_that_lands_as_the_job_goes_back_to_the_queue_cancels_it(stack):
-    """The race the runner closes after retry_later: the cancel flag was set while the attempt
-    ran, the job went back to the queue before the attempt saw it; claim would never take it."""
+    """The cancel flag was set while the attempt ran and the attempt did not see it before it
+    gave the job back: retry_later's one statement ends it cancelled (queued, no one would
+    ever claim it)."""
     with session_scope(stack.url) as session:
         job_id = transitions.create_job(
             session, Job(tenant="acme", model="tiny", params={"prompt": "a cat", **TINY})
@@ -436,8 +437,8 @@ def test_a_cancel_that_lands_as_the_job_goes_back_to_the_queue_cancels_it(stack)
         assert transitions.retry_later(session, job_id, 1, "storage_unavailable", "down")
     with session_scope(stack.url) as session:
         assert transitions.claim(session, job_id, "test:0:cpu") is None
-        assert transitions.cancel_if_requested(session, job_id)
         assert not transitions.cancel_if_requested(session, job_id)
     row = stack.row(job_id)
     assert (row.status, row.error_code, row.attempt) == ("cancelled", "cancelled", 1)
-    assert stack.events(job_id)[-1] == ("queued", "cancelled", 1)
+    assert row.finished_at is not None
+    assert stack.events(job_id)[-1] == ("running", "cancelled", 1)

@@ -7,14 +7,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy.orm import Session
 
 from scheduler.api import batches
-from scheduler.api.auth import Tenant
+from scheduler.api.auth import CurrentPrincipal, Tenant
 from scheduler.api.body import parse_json, read_limited
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.openapi import VIDEO_FIELDS, errors
 from scheduler.api.pagination import LIMIT_RANGE, check_limit
 from scheduler.api.schemas import BatchList, BatchObject
+from scheduler.api.session import SessionDep
 
 router = APIRouter(prefix="/v1", tags=["batches"], responses=errors(401, 403, 429, 500, 503))
 
@@ -65,8 +67,8 @@ async def _batch_body(request: Request) -> Any:
 Context = Annotated[ApiContext, Depends(get_context)]
 
 
-def _object(context: ApiContext, batch) -> BatchObject:
-    return BatchObject.from_batch(batch, batches.counts(context, batch.id))
+def _object(session: Session, batch) -> BatchObject:
+    return BatchObject.from_batch(batch, batches.counts(session, batch.id))
 
 
 @router.post(
@@ -76,21 +78,24 @@ def _object(context: ApiContext, batch) -> BatchObject:
     responses=errors(400, 404, 409, 413),
 )
 def create_batch(
-    tenant: Tenant, context: Context, body: Annotated[Any, Depends(_batch_body)]
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    context: Context,
+    body: Annotated[Any, Depends(_batch_body)],
 ) -> BatchObject:
-    return _object(context, batches.create(context, tenant, body))
+    return _object(session, batches.create(session, context, principal, body))
 
 
 @router.get("/batches", response_model=BatchList, responses=errors(400))
 def list_batches(
     tenant: Tenant,
-    context: Context,
+    session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(json_schema_extra=LIMIT_RANGE)] = 20,
 ) -> BatchList:
     check_limit(limit)
-    rows, has_more = batches.list_page(context, tenant, after or None, limit)
-    data = [_object(context, batch) for batch in rows]
+    rows, has_more = batches.list_page(session, tenant, after or None, limit)
+    data = [_object(session, batch) for batch in rows]
     return BatchList(
         data=data,
         first_id=data[0].id if data else None,
@@ -100,10 +105,10 @@ def list_batches(
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject, responses=errors(404))
-def retrieve_batch(tenant: Tenant, context: Context, batch_id: str) -> BatchObject:
-    return _object(context, batches.get(context, tenant, batch_id))
+def retrieve_batch(tenant: Tenant, session: SessionDep, batch_id: str) -> BatchObject:
+    return _object(session, batches.get(session, tenant, batch_id))
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject, responses=errors(404))
-def cancel_batch(tenant: Tenant, context: Context, batch_id: str) -> BatchObject:
-    return _object(context, batches.cancel(context, tenant, batch_id))
+def cancel_batch(tenant: Tenant, session: SessionDep, batch_id: str) -> BatchObject:
+    return _object(session, batches.cancel(session, tenant, batch_id))

@@ -25,6 +25,7 @@ from scheduler.api.auth import Tenant
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.dashboard_data import DashboardData
 from scheduler.api.openapi import errors
+from scheduler.api.session import SessionDep
 
 router = APIRouter(tags=["dashboard"], responses=errors(401, 403, 429, 500, 503))
 
@@ -71,6 +72,7 @@ def dashboard_page() -> HTMLResponse:
 @router.get("/dashboard/data", response_model=DashboardData, responses=errors(400))
 def dashboard_json(
     tenant: Tenant,
+    session: SessionDep,
     context: Context,
     response: Response,
     status: Annotated[
@@ -79,4 +81,4 @@ def dashboard_json(
 ) -> DashboardData:
     status_filter = dashboard_data.parse_status_filter(status)
     response.headers["Cache-Control"] = "no-store"
-    return dashboard_data.collect(context, tenant, status_filter)
+    return dashboard_data.collect(session, context, tenant, status_filter)

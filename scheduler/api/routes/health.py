@@ -21,6 +21,7 @@ from scheduler.api.errors import error_body
 from scheduler.api.openapi import errors
 from scheduler.api.readiness import run_checks
 from scheduler.api.schemas import Health
+from scheduler.api.session import SessionDep
 
 router = APIRouter(tags=["health"])
 
@@ -37,9 +38,9 @@ async def healthz() -> dict[str, str]:
     response_model=Health,
     responses={503: {"description": "A dependency (database, broker, storage) is down"}},
 )
-def readyz(request: Request, context: Context) -> JSONResponse:
+def readyz(request: Request, context: Context, session: SessionDep) -> JSONResponse:
     checks = run_checks(context)
-    principal = optional_principal(request, context)
+    principal = optional_principal(request, context, session)
     if principal is None or not principal.operator:
         checks = {name: "ok" if result == "ok" else "down" for name, result in checks.items()}
     down = [name for name, result in checks.items() if result != "ok"]

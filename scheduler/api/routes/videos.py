@@ -23,12 +23,13 @@ from fvb_core.db.models import Job
 from fvb_core.jobs import JobStatus
 from fvb_core.storage import StorageUnavailable, spritesheet_key, thumbnail_key
 from scheduler.api import jobs
-from scheduler.api.auth import Tenant
+from scheduler.api.auth import CurrentPrincipal, Tenant
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.errors import ApiError
 from scheduler.api.openapi import CREATE_VIDEO_BODY, errors
 from scheduler.api.pagination import LIMIT_RANGE, check_limit
 from scheduler.api.schemas import JOB_STATUSES, VideoDeleted, VideoList, VideoObject
+from scheduler.api.session import SessionDep
 from scheduler.api.validation import read_create_body, validate_create
 
 router = APIRouter(prefix="/v1", tags=["videos"], responses=errors(401, 403, 429, 500, 503))
@@ -61,14 +62,15 @@ def _video(context: ApiContext, job: Job, response: Response) -> VideoObject:
     responses=errors(400, 404, 409, 413, 415),
 )
 def create_video(
-    tenant: Tenant,
+    principal: CurrentPrincipal,
+    session: SessionDep,
     context: Context,
     fields: Annotated[dict[str, Any], Depends(read_create_body)],
     response: Response,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> VideoObject:
     request = validate_create(fields, context.models)
-    submitted = jobs.submit(context, tenant, request, idempotency_key)
+    submitted = jobs.submit(session, context, principal, request, idempotency_key)
     if not submitted.created:
         response.headers["Idempotent-Replayed"] = "true"
     return _video(context, submitted.job, response)
@@ -77,6 +79,7 @@ def create_video(
 @router.get("/videos", response_model=VideoList, responses=errors(400))
 def list_videos(
     tenant: Tenant,
+    session: SessionDep,
     context: Context,
     after: str | None = None,
     limit: Annotated[int, Query(json_schema_extra=LIMIT_RANGE)] = 20,
@@ -96,7 +99,7 @@ def list_videos(
             )
         statuses = tuple(s for name in names for s in JOB_STATUSES[name])
     page = jobs.list_page(
-        context,
+        session,
         tenant,
         after=after,
         limit=limit,
@@ -115,9 +118,9 @@ def list_videos(
 
 @router.get("/videos/{video_id}", response_model=VideoObject, responses=errors(404))
 def retrieve_video(
-    video_id: str, tenant: Tenant, context: Context, response: Response
+    video_id: str, tenant: Tenant, session: SessionDep, context: Context, response: Response
 ) -> VideoObject:
-    return _video(context, jobs.get(context, tenant, video_id), response)
+    return _video(context, jobs.get(session, tenant, video_id), response)
 
 
 class _Once:
@@ -149,11 +152,12 @@ class _Once:
 def download_video(
     video_id: str,
     tenant: Tenant,
+    session: SessionDep,
     context: Context,
     variant: Literal["video", "thumbnail", "spritesheet"] = "video",
     redirect: bool = False,
 ) -> Response:
-    job = jobs.get(context, tenant, video_id)
+    job = jobs.get(session, tenant, video_id)
     if job.status != JobStatus.SUCCEEDED or not job.output_key:
         state = VideoObject.from_job(job, context.store.bucket).status
         raise ApiError(
@@ -206,16 +210,18 @@ def download_video(
 
 
 @router.delete("/videos/{video_id}", response_model=VideoDeleted, responses=errors(404))
-def delete_video(video_id: str, tenant: Tenant, context: Context) -> VideoDeleted:
-    jobs.delete(context, tenant, video_id)
+def delete_video(
+    video_id: str, tenant: Tenant, session: SessionDep, context: Context
+) -> VideoDeleted:
+    jobs.delete(session, context, tenant, video_id)
     return VideoDeleted(id=video_id)
 
 
 @router.post("/videos/{video_id}/cancel", response_model=VideoObject, responses=errors(404))
 def cancel_video(
-    video_id: str, tenant: Tenant, context: Context, response: Response
+    video_id: str, tenant: Tenant, session: SessionDep, context: Context, response: Response
 ) -> VideoObject:
-    return _video(context, jobs.cancel(context, tenant, video_id), response)
+    return _video(context, jobs.cancel(session, tenant, video_id), response)
 
 
 def _unsupported(operation: str) -> ApiError:
