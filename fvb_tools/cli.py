@@ -112,6 +112,12 @@ def _build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--operator", action="store_true", help="may also read /metrics and the whole fleet"
     )
+    create.add_argument(
+        "--max-queued",
+        type=int,
+        default=None,
+        help="the tenant's queued-jobs limit while this key is used (default: FVB_MAX_QUEUED_JOBS)",
+    )
     listing = keys_commands.add_parser(
         "list", help="every key: id, tenant, prefix, state", formatter_class=_formatter
     )
@@ -269,7 +275,11 @@ def _keys(ns: argparse.Namespace) -> int:
 
     url = get_settings().database_url
     if ns.keys_command == "create":
-        key = keys.create(url, ns.tenant, name=ns.name, operator=ns.operator)
+        if ns.max_queued is not None and ns.max_queued < 1:
+            raise UsageError(f"--max-queued must be at least 1, got {ns.max_queued}")
+        key = keys.create(
+            url, ns.tenant, name=ns.name, operator=ns.operator, max_queued=ns.max_queued
+        )
         print(key)
         kind = "operator key" if ns.operator else "key"
         print(f"({kind} of tenant {ns.tenant}; it is shown only now, store it)", file=sys.stderr)

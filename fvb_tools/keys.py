@@ -27,9 +27,15 @@ class KeyRow:
     revoked_at: datetime | None
 
 
-def create(url: str, tenant: str, name: str | None = None, operator: bool = False) -> str:
+def create(
+    url: str,
+    tenant: str,
+    name: str | None = None,
+    operator: bool = False,
+    max_queued: int | None = None,
+) -> str:
     with session_scope(url) as session:
-        return create_api_key(session, tenant, name=name, operator=operator)
+        return create_api_key(session, tenant, name=name, operator=operator, max_queued=max_queued)
 
 
 def listed(url: str, tenant: str | None = None) -> list[KeyRow]:

@@ -23,8 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: package -> the top-level packages it must never import (at any level, even in functions).
 LAYERS: dict[str, set[str]] = {
+    # engine <- core <- API/scheduler and worker <- tools (ARCHITECTURE.md's layering).
     "fastvideo": {"scheduler", "worker", "fvb_core", "fvb_tools"},
+    "fvb_core": {"scheduler", "worker", "fvb_tools", "fastvideo"},
+    "scheduler": {"worker", "fvb_tools", "fastvideo"},
+    "worker": {"scheduler", "fvb_tools"},
 }
+
 
 #: Function-level imports (importer, imported) allowed to close a cycle, each with why.
 #: Empty: every function-level import in the engine is kept to defer a heavy import (see
@@ -272,3 +277,18 @@ def test_the_graph_sees_imports_of_every_form(tmp_path):
     (package / "c.py").write_text("import os.path\n")
     graph = import_graph(["pkg"], root=tmp_path)
     assert forbidden_imports(graph, {"pkg": {"os"}}) == [f"{package / 'c.py'}:1: imports os.path"]
+
+
+SERVICE = import_graph(["fvb_core", "scheduler", "worker", "fvb_tools"])
+
+
+def test_each_service_layer_imports_only_the_layers_below_it():
+    assert forbidden_imports(SERVICE) == []
+
+
+def test_the_service_packages_have_no_import_cycle():
+    for in_functions in (False, True):
+        found = cycles(SERVICE.edges(in_functions))
+        assert not found, "\n".join(describe(c, SERVICE, in_functions) for c in found)
+        found = cycles(collapse(SERVICE.edges(in_functions), depth=2))
+        assert not found, f"sub-package cycles (in functions too: {in_functions}): {found}"

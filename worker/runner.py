@@ -84,6 +84,7 @@ from fvb_core.storage import (
     thumbnail_key,
     video_key,
 )
+from worker.failures import RenderFailed
 from worker.heartbeat import AttemptLiveness
 from worker.pipeline_cache import PipelineCache
 from worker.previews import Preview, make_previews
@@ -94,7 +95,6 @@ from worker.retries import (
     retry_transient,
     retry_until,
 )
-from worker.tasks import RenderFailed
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from celery import Celery, Task, signals
 
 from fvb_core.queue import RENDER_TASK
 from fvb_core.settings import Settings
+from worker.failures import RenderFailed
 
 if TYPE_CHECKING:
     from worker.runner import JobRunner
@@ -33,19 +34,6 @@ log = logging.getLogger(__name__)
 
 _runner: JobRunner | None = None
 _runner_pid: int | None = None
-
-
-class RenderFailed(Exception):
-    """The job failed for good (the row says ``failed`` with this ``code``). Raised by the
-    runner so that the render task ends as a Celery FAILURE that names the error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)  # both in args: pickles to the parent, shown by repr
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 def get_runner(settings: Settings) -> JobRunner:

@@ -642,7 +642,7 @@ def test_task_events_show_a_failed_render_as_a_failure_with_its_error_code(stack
 
 def test_render_task_declares_its_failure_and_acknowledges_it():
     from worker.celery_app import create_app
-    from worker.tasks import RenderFailed
+    from worker.failures import RenderFailed
 
     task = create_app(Settings(broker_url="redis://127.0.0.1:1/0")).tasks[RENDER_TASK]
     assert task.throws == (RenderFailed,)
@@ -666,8 +666,8 @@ def test_engine_errors_map_to_error_codes(stack, error, code, message):
     """In-process runner (no dispatch, so no worker takes the job) with an engine that raises:
     the errors a CPU test cannot provoke for real, such as CUDA running out of memory. The
     runner raises RenderFailed with the code (the Celery task ends as a FAILURE)."""
+    from worker.failures import RenderFailed
     from worker.runner import JobRunner
-    from worker.tasks import RenderFailed
 
     class Engine:
         def generate_video(self, prompt, **kwargs):
