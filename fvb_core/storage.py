@@ -10,7 +10,9 @@ One key per attempt, so a stale attempt never overwrites the winner.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +31,24 @@ class StorageUnavailable(RuntimeError):
     """The store could not be reached or refused the request; worth retrying later."""
 
 
+class ObjectMissing(LookupError):
+    """The store answered: no object under that key (retrying will not help)."""
+
+
+#: botocore's ways of saying "no such object" (GetObject, HeadObject).
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+def input_image_key(job_id: str) -> str:
+    """The image-to-video input of a job, an RGB PNG stored by the API."""
+    return f"inputs/{job_id}/image.png"
+
+
+def job_prefixes(job_id: str) -> tuple[str, ...]:
+    """Every prefix a job's objects live under (its attempts, its input)."""
+    return (f"videos/{job_id}/", f"inputs/{job_id}/")
+
+
 def video_key(job_id: str, attempt: int) -> str:
     return f"videos/{job_id}/attempt-{attempt}.mp4"
 
@@ -43,6 +63,30 @@ def thumbnail_key(job_id: str, attempt: int) -> str:
 
 def spritesheet_key(job_id: str, attempt: int) -> str:
     return f"videos/{job_id}/attempt-{attempt}.spritesheet.jpg"
+
+
+def attempt_keys(job_id: str, attempt: int) -> tuple[str, ...]:
+    """Every key attempt ``attempt`` of the job writes: video, previews, sidecar."""
+    return (
+        video_key(job_id, attempt),
+        thumbnail_key(job_id, attempt),
+        spritesheet_key(job_id, attempt),
+        sidecar_key(job_id, attempt),
+    )
+
+
+_ATTEMPT_OF_KEY = re.compile(r"/attempt-(\d+)\.[^/]*$")
+
+
+def earlier_attempt_keys(keys: list[str], job_id: str, attempt: int) -> list[str]:
+    """The keys among ``keys`` that belong to attempts of the job before ``attempt``."""
+    prefix = f"videos/{job_id}/"
+    earlier = []
+    for key in keys:
+        match = _ATTEMPT_OF_KEY.search(key)
+        if key.startswith(prefix) and match and int(match.group(1)) < attempt:
+            earlier.append(key)
+    return sorted(earlier)
 
 
 def sha256_file(path: Path) -> str:
@@ -93,10 +137,40 @@ class VideoStore:
         return f"s3://{self.bucket}/{key}"
 
     def _call(self, what: str, fn, *args, **kwargs):
+        """``fn`` with botocore's errors made ours: ObjectMissing for a missing key, else
+        StorageUnavailable (here and nowhere else)."""
         try:
             return fn(*args, **kwargs)
-        except (BotoCoreError, ClientError) as err:
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                raise ObjectMissing(f"no object {kwargs.get('Key', '')!r} in the store") from err
             raise StorageUnavailable(f"storage {what} failed: {err}") from err
+        except BotoCoreError as err:
+            raise StorageUnavailable(f"storage {what} failed: {err}") from err
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self._call(
+            "put_object",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=io.BytesIO(data),
+            ContentType=content_type,
+        )
+
+    def get_bytes(self, key: str) -> bytes:
+        """The whole object (small ones: input images); ObjectMissing if there is none."""
+        response = self._call("get_object", self.client.get_object, Bucket=self.bucket, Key=key)
+        try:
+            return response["Body"].read()
+        except (BotoCoreError, ClientError) as err:
+            raise StorageUnavailable(f"storage read of {key} failed: {err}") from err
+
+    def delete_job(self, job_id: str) -> list[str]:
+        """Every object of the job (all attempts, its input); the keys deleted."""
+        keys = [key for prefix in job_prefixes(job_id) for key in self.list_keys(prefix)]
+        self.delete(*keys)
+        return keys
 
     def ensure_bucket(self) -> None:
         try:

@@ -2,10 +2,11 @@
 
 The dataset is a ``.jsonl`` file (one ``POST /v1/videos`` body per line, or a JSON string
 that is just the prompt) or any other text file (one prompt per line); blank lines are
-skipped. Every line becomes a video in one batch, submitted with the Idempotency-Key
-``<batch id>:<line>``, so re-running with ``--batch-id`` resumes an interrupted submission
-without duplicating a video. ``--wait`` follows the batch to the end; ``--download DIR``
-then writes each completed video as ``DIR/<line>-<video id>.mp4``.
+skipped. Every line becomes a video in one batch, sent in chunks to ``POST
+/v1/batches/{id}/videos`` with the item key ``<batch id>:<line>``, so re-running with
+``--batch-id`` resumes an interrupted submission without duplicating a video. ``--wait``
+follows the batch to the end; ``--download DIR`` then writes each completed video as
+``DIR/<line>-<video id>.mp4``.
 
 Only the standard library talks HTTP here, so the tool runs wherever the service package is
 installed, against any deployment.
@@ -117,6 +118,10 @@ def create_batch(client: Client, path: Path, metadata: dict[str, str] | None = N
     return client.request("POST", "/batches", {"metadata": batch_meta})["id"]
 
 
+#: Lines sent per request (``POST /v1/batches/{id}/videos`` takes up to 1000).
+CHUNK = 500
+
+
 def submit_dataset(
     client: Client,
     path: Path,
@@ -126,38 +131,46 @@ def submit_dataset(
     progress=None,
     max_wait_s: float = 600.0,
 ) -> Outcome:
-    """Create the batch (unless resuming ``batch_id``) and submit every line to it. A line
-    the API rejects is recorded and the rest go on; a full queue (429) is waited out."""
+    """Create the batch (unless resuming ``batch_id``) and add every line to it, ``CHUNK``
+    lines per request, each with the item key ``<batch id>:<line>`` (a re-run resumes:
+    lines already in come back as existing). A line the API rejects is recorded and the
+    rest go on; a tenant's full queue (429) is waited out."""
     lines = list(read_dataset(path, model))  # every line parses before anything is sent
     if batch_id is None:
         batch_id = create_batch(client, path, metadata)
     else:
         client.request("GET", f"/batches/{batch_id}")  # 404 now, not per line
     outcome = Outcome(batch_id)
-    for number, body in lines:
-        video = {**body, "batch_id": batch_id}
-        video["metadata"] = {**(body.get("metadata") or {}), LINE_KEY: str(number)}
-        headers = {"Idempotency-Key": f"{batch_id}:{number}"}
+    for start in range(0, len(lines), CHUNK):
+        chunk = lines[start : start + CHUNK]
+        items = [
+            {
+                **body,
+                "item_key": f"{batch_id}:{number}",
+                "metadata": {**(body.get("metadata") or {}), LINE_KEY: str(number)},
+            }
+            for number, body in chunk
+        ]
         deadline = time.monotonic() + max_wait_s
         while True:
             try:
-                _, reply = client.exchange("POST", "/videos", video, headers)
-                outcome.submitted += 1
-                if reply.get("Idempotent-Replayed") == "true":
-                    outcome.existing += 1
-                else:
-                    outcome.created += 1
+                answer = client.request("POST", f"/batches/{batch_id}/videos", {"requests": items})
                 break
             except ApiFailure as err:
                 if err.status == 429 and time.monotonic() < deadline:
                     time.sleep(min(err.retry_after or 5.0, 30.0))
                     continue
-                if err.status in (0, 401, 429) or err.status >= 500:
-                    raise  # the service, not this line: stop (resume with --batch-id)
-                outcome.failed.append((number, err.message))
-                break
+                raise  # the service, not a line: stop (resume with --batch-id)
+        for item in answer["data"]:
+            outcome.submitted += 1
+            if item["created"]:
+                outcome.created += 1
+            else:
+                outcome.existing += 1
+        for item in answer["errors"]:
+            outcome.failed.append((chunk[item["index"]][0], item["error"]["message"]))
         if progress is not None:
-            progress.update(1)
+            progress.update(len(chunk))
     return outcome
 
 

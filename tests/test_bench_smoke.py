@@ -242,3 +242,12 @@ def test_psnr_and_ssim_of_known_inputs():
     assert abs(psnr(shifted, frames) - 10 * np.log10(1 / mse)) < 1e-9
     noisy = np.clip(frames + rng.normal(0, 0.2, frames.shape), 0, 1).astype(np.float32)
     assert 0 < ssim(noisy, frames) < ssim(shifted, frames) < 1
+
+
+def test_control_plane_smoke_releases_every_job_once_within_the_bound(tmp_path):
+    _stdout, results = _run("control_plane", "--smoke", "--per-worker", "8", tmp_path=tmp_path)
+    assert results["submit"]["lines"] == 300 and results["submit"]["lines_per_s"] > 0
+    release = results["release"]
+    assert release["released"] == release["release_events"] == release["taken"] == 300
+    assert 0 < release["queue_peak"] <= release["bound"] == 8
+    assert set(results["with_backlog"]) == {"reaper_pass_s", "choose_64_s", "chosen"}

@@ -14,11 +14,9 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from fvb_core.db import transitions
-from fvb_core.db.models import Job
 from fvb_core.db.session import session_scope
 from fvb_core.settings import Settings
 
@@ -83,18 +81,11 @@ class AttemptLiveness:
         """Read-only: is the attempt still ours, and has a cancel been asked for?"""
         try:
             with session_scope(self.settings.database_url) as session:
-                row = session.execute(
-                    select(Job.status, Job.attempt, Job.cancel_requested).where(
-                        Job.id == self.job_id
-                    )
-                ).one_or_none()
+                result = transitions.ownership(session, self.job_id, self.attempt)
         except SQLAlchemyError as err:
             log.warning("cancel check for %s failed: %s", self.job_id, err)
             return
-        owner = (
-            row is not None and row.status == transitions.RUNNING and row.attempt == self.attempt
-        )
-        self._observe(owner, bool(row is not None and row.cancel_requested))
+        self._observe(result.still_owner, result.cancel_requested)
 
     def _observe(self, still_owner: bool, cancel_requested: bool) -> None:
         if not still_owner and not self.lost:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import socket
 import tempfile
 import threading
@@ -63,7 +62,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.orm import Session
 
 from fastvideo.executor import RankGroupError
@@ -75,13 +73,15 @@ from fvb_core.jobs import JobParams
 from fvb_core.models_config import ServedModel, load_models_config
 from fvb_core.settings import Settings
 from fvb_core.storage import (
+    ObjectMissing,
     StorageUnavailable,
     StoredObject,
     VideoStore,
+    attempt_keys,
+    earlier_attempt_keys,
+    job_prefixes,
     sha256_file,
     sidecar_key,
-    spritesheet_key,
-    thumbnail_key,
     video_key,
 )
 from worker.failures import RenderFailed
@@ -113,30 +113,6 @@ def make_worker_id(settings: Settings) -> str:
 
 
 # -- objects of an attempt -------------------------------------------------------------------
-
-
-def attempt_keys(job_id: str, attempt: int) -> tuple[str, ...]:
-    """Every key attempt ``attempt`` of the job writes: video, previews, sidecar."""
-    return (
-        video_key(job_id, attempt),
-        thumbnail_key(job_id, attempt),
-        spritesheet_key(job_id, attempt),
-        sidecar_key(job_id, attempt),
-    )
-
-
-_ATTEMPT_OF_KEY = re.compile(r"/attempt-(\d+)\.[^/]*$")
-
-
-def earlier_attempt_keys(keys: list[str], job_id: str, attempt: int) -> list[str]:
-    """The keys among ``keys`` that belong to attempts of the job before ``attempt``."""
-    prefix = f"videos/{job_id}/"
-    earlier = []
-    for key in keys:
-        match = _ATTEMPT_OF_KEY.search(key)
-        if key.startswith(prefix) and match and int(match.group(1)) < attempt:
-            earlier.append(key)
-    return sorted(earlier)
 
 
 @dataclass
@@ -305,14 +281,9 @@ class JobRunner:
 
         def fetch() -> bytes:
             try:
-                response = self.store.client.get_object(Bucket=self.store.bucket, Key=key)
-                return response["Body"].read()
-            except ClientError as err:
-                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                    raise ValueError(f"input image {key!r} does not exist") from None
-                raise StorageUnavailable(f"storage download of {key} failed: {err}") from err
-            except BotoCoreError as err:
-                raise StorageUnavailable(f"storage download of {key} failed: {err}") from err
+                return self.store.get_bytes(key)
+            except ObjectMissing:
+                raise ValueError(f"input image {key!r} does not exist") from None
 
         try:
             data = retry_transient(
@@ -341,7 +312,7 @@ class JobRunner:
             return True
         try:
             keys = earlier_attempt_keys(
-                self.store.list_keys(f"videos/{claim.job_id}/"), claim.job_id, claim.attempt
+                self.store.list_keys(job_prefixes(claim.job_id)[0]), claim.job_id, claim.attempt
             )
             self.store.delete(*keys)
         except StorageUnavailable as err:

@@ -12,7 +12,6 @@ import os
 import secrets
 import socket
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,8 +252,3 @@ class LocalStack:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def wait_forever() -> None:
-    while True:
-        time.sleep(3600)

@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 from fvb_core.api_keys import Principal
 from fvb_core.db import transitions
 from fvb_core.db.models import Batch, Job, utcnow
-from fvb_core.jobs import UNFINISHED_STATUSES, BatchStatus, JobStatus
+from fvb_core.jobs import UNFINISHED_STATUSES, BatchStatus, JobParams, JobStatus
+from fvb_core.storage import StorageUnavailable
 from scheduler.api import jobs
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
@@ -58,23 +59,24 @@ def _requests(context: ApiContext, value: Any) -> list:
             "requests",
             f"requests must be a list of at most {MAX_BATCH_REQUESTS} video create bodies",
         )
-    validated = []
-    for index, fields in enumerate(value):
-        where = f"requests[{index}]"
-        if not isinstance(fields, dict):
-            raise ApiError.invalid(where, f"{where} must be an object (a video create body)")
-        if "batch_id" in fields:
-            raise ApiError.invalid(f"{where}.batch_id", "batch_id is set by the batch")
-        try:
-            request = validate_create(fields, context.models)
-        except ApiError as err:
-            err.param = f"{where}.{err.param}" if err.param else where
-            err.message = f"{where}: {err.message}"
-            raise
-        if "priority" not in fields:
-            request = dataclasses.replace(request, priority=BATCH_DEFAULT_PRIORITY)
-        validated.append(request)
-    return validated
+    return [_validate_item(context, f"requests[{i}]", fields) for i, fields in enumerate(value)]
+
+
+def _validate_item(context: ApiContext, where: str, fields: Any):
+    """One batch item's validated request, or ApiError naming ``where.field``."""
+    if not isinstance(fields, dict):
+        raise ApiError.invalid(where, f"{where} must be an object (a video create body)")
+    if "batch_id" in fields:
+        raise ApiError.invalid(f"{where}.batch_id", "batch_id is set by the batch")
+    try:
+        request = validate_create(fields, context.models)
+    except ApiError as err:
+        err.param = f"{where}.{err.param}" if err.param else where
+        err.message = f"{where}: {err.message}"
+        raise
+    if "priority" not in fields:
+        request = dataclasses.replace(request, priority=BATCH_DEFAULT_PRIORITY)
+    return request
 
 
 def create(session: Session, context: ApiContext, principal: Principal, body: Any) -> Batch:
@@ -175,3 +177,119 @@ def cancel(session: Session, tenant: str, batch_id: str) -> Batch:
     session.commit()
     log.info("batch %s cancelled: %d unfinished videos asked to stop", batch_id, touched)
     return get(session, tenant, batch_id)
+
+
+def _drop_images(context: ApiContext, rows: list[Job]) -> None:
+    """Input images stored for rows that were not inserted (known item keys, refused)."""
+    for row in rows:
+        key = JobParams.from_json(row.params).input_image_key
+        if key is not None:
+            try:
+                context.store.delete(key)
+            except StorageUnavailable:
+                log.warning("could not delete the unused input image %s", key)
+
+
+@dataclasses.dataclass
+class Appended:
+    """What ``append`` did with each item, by its index in the request."""
+
+    created: list[tuple[int, Job]] = dataclasses.field(default_factory=list)
+    existing: list[tuple[int, Job]] = dataclasses.field(default_factory=list)
+    errors: list[tuple[int, ApiError]] = dataclasses.field(default_factory=list)
+
+
+def _item(context: ApiContext, batch_id: str, index: int, fields: Any):
+    """(item key, validated request) of one item, or ApiError naming ``requests[i].field``."""
+    where = f"requests[{index}]"
+    if not isinstance(fields, dict):
+        raise ApiError.invalid(where, f"{where} must be an object (a video create body)")
+    fields = dict(fields)
+    key = fields.pop("item_key", None)
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 255):
+        raise ApiError.invalid(f"{where}.item_key", "item_key must be 1..255 characters")
+    request = _validate_item(context, where, fields)
+    return key, dataclasses.replace(request, batch_id=batch_id)
+
+
+def append(
+    session: Session, context: ApiContext, principal: Principal, batch_id: str, body: Any
+) -> Appended:
+    """Add up to ``MAX_BATCH_REQUESTS`` videos to an open batch in one transaction. Each item
+    stands alone: a bad one is reported by its index and the rest are stored; an item whose
+    ``item_key`` was seen before returns the video it made (a re-run resumes, never
+    duplicates). Admission counts only the new ones; a chunk that does not fit is refused
+    whole (429)."""
+    if not isinstance(body, dict) or set(body) - {"requests"}:
+        raise ApiError.invalid("body", 'the body must be {"requests": [video bodies]}')
+    items = body.get("requests")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH_REQUESTS:
+        raise ApiError.invalid(
+            "requests", f"requests must be a list of 1..{MAX_BATCH_REQUESTS} video create bodies"
+        )
+    jobs.check_batch_open(session, principal.tenant, batch_id)
+    outcome = Appended()
+    valid: list[tuple[int, str | None, Any]] = []
+    for index, fields in enumerate(items):
+        try:
+            key, request = _item(context, batch_id, index, fields)
+        except ApiError as err:
+            outcome.errors.append((index, err))
+            continue
+        valid.append((index, key, request))
+    keys = [key for _, key, _ in valid if key is not None]
+    if len(keys) != len(set(keys)):
+        raise ApiError.invalid("requests", "two items of one request share an item_key")
+    session.commit()  # no transaction held while images upload
+    rows = [
+        (index, key, r, jobs.new_job(context, principal.tenant, r, key)) for index, key, r in valid
+    ]
+    # Insert first, then admit what was new (the unique index tells new from known, whatever
+    # the table's size); a chunk that does not fit is rolled back whole.
+    created = {job.id for job in transitions.create_new_jobs(session, [row for *_, row in rows])}
+    try:
+        jobs.admit_inserted(session, context, principal, len(created))
+    except ApiError:
+        session.rollback()
+        _drop_images(context, [row for *_, row in rows])
+        raise
+    session.commit()
+    known = [(index, key, r, row) for index, key, r, row in rows if row.id not in created]
+    seen = {
+        job.idempotency_key: job
+        for job in session.execute(
+            select(Job).where(
+                Job.tenant == principal.tenant,
+                Job.idempotency_key.in_([key for _, key, _, _ in known]),
+            )
+        ).scalars()
+    } if known else {}  # fmt: skip
+    session.commit()
+    _drop_images(context, [row for *_, row in known])
+    outcome.created = [(index, row) for index, _, _, row in rows if row.id in created]
+    for index, key, request, _row in known:
+        job = seen[key]
+        if job.request_hash != request.request_hash() or job.batch_id != batch_id:
+            outcome.errors.append(
+                (
+                    index,
+                    ApiError(
+                        409,
+                        f"requests[{index}]: item_key {key!r} was used for video '{job.id}' "
+                        "with another body",
+                        param=f"requests[{index}].item_key",
+                        code="idempotency_key_reused",
+                    ),
+                )
+            )
+        else:
+            outcome.existing.append((index, job))
+    outcome.errors.sort(key=lambda pair: pair[0])
+    log.info(
+        "batch %s: %d videos added, %d already there, %d refused",
+        batch_id,
+        len(outcome.created),
+        len(outcome.existing),
+        len(outcome.errors),
+    )
+    return outcome

@@ -24,10 +24,6 @@ PARAM = "input_reference"
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
-def input_image_key(job_id: str) -> str:
-    return f"inputs/{job_id}/image.png"
-
-
 @dataclass(frozen=True)
 class ReferenceImage:
     png: bytes

@@ -6,14 +6,12 @@ every function works in the request's session and commits what it writes."""
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,10 +20,9 @@ from fvb_core.api_keys import Principal
 from fvb_core.db import transitions
 from fvb_core.db.models import Batch, Job, utcnow
 from fvb_core.jobs import BatchStatus, JobParams, JobStatus
-from fvb_core.storage import StorageUnavailable
+from fvb_core.storage import StorageUnavailable, input_image_key
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
-from scheduler.api.images import input_image_key
 from scheduler.api.pagination import keyset_page
 from scheduler.api.validation import SEED_MAX, VideoRequest
 
@@ -113,14 +110,32 @@ def admit(session: Session, context: ApiContext, principal: Principal, count: in
     )
 
 
+def admit_inserted(
+    session: Session, context: ApiContext, principal: Principal, inserted: int
+) -> None:
+    """Like :func:`admit`, for ``inserted`` jobs already in this (uncommitted) transaction:
+    their tenant's counter already counts them."""
+    if inserted:
+        limit = principal.max_queued or context.settings.max_queued_jobs
+        queued = transitions.queued_of(session, principal.tenant)
+        if queued > limit:
+            before = queued - inserted
+            wait = drain_retry_after(session, principal.tenant, queued - limit)
+            raise ApiError(
+                429,
+                f"Tenant '{principal.tenant}' has {before} queued jobs (limit {limit}), no room "
+                f"for {inserted} more; retry in about {wait} s",
+                code="queue_full",
+                headers={"Retry-After": str(wait)},
+            )
+
+
 def _upload_image(context: ApiContext, job_id: str, png: bytes) -> str:
     key = input_image_key(job_id)
     try:
         context.ensure_bucket()
-        context.store.client.put_object(
-            Bucket=context.store.bucket, Key=key, Body=io.BytesIO(png), ContentType="image/png"
-        )
-    except (StorageUnavailable, BotoCoreError, ClientError) as err:
+        context.store.put_bytes(key, png, "image/png")
+    except StorageUnavailable as err:
         log.warning("could not store the input image of %s: %s", job_id, err)
         raise ApiError(
             503,
@@ -262,12 +277,7 @@ def cancel(session: Session, tenant: str, job_id: str) -> Job:
 def _forget_objects(context: ApiContext, job_id: str) -> list[str]:
     if not context.try_ensure_bucket():
         raise StorageUnavailable("storage is unavailable")
-    keys = [
-        *context.store.list_keys(f"videos/{job_id}/"),
-        *context.store.list_keys(f"inputs/{job_id}/"),
-    ]
-    context.store.delete(*keys)
-    return keys
+    return context.store.delete_job(job_id)
 
 
 def delete(session: Session, context: ApiContext, tenant: str, job_id: str) -> None:

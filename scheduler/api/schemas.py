@@ -230,3 +230,24 @@ class BatchList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class BatchItem(BaseModel):
+    index: int
+    id: str
+    #: False when the item's ``item_key`` had made this video before (a resumed run).
+    created: bool
+
+
+class BatchItemError(BaseModel):
+    index: int
+    error: dict[str, Any]
+
+
+class BatchVideosAdded(BaseModel):
+    """The answer of ``POST /v1/batches/{id}/videos``."""
+
+    object: Literal["batch.videos"] = "batch.videos"
+    batch_id: str
+    data: list[BatchItem]
+    errors: list[BatchItemError]

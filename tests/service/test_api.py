@@ -617,7 +617,7 @@ def test_hung_broker_does_not_touch_submissions(client, acme, settings, valkey_s
         created = submit(client, acme)
         assert created.status_code == 200, created.text
         batch = client.post(
-            "/v1/batches", json={"requests": [{"model": T2V, "prompt": "b"}] * 50}, headers=acme
+            "/v1/batches", json={"requests": [{"model": T2V, "prompt": "b"}] * 1000}, headers=acme
         )
         assert batch.status_code == 200, batch.text
         assert load_job(settings, created.json()["id"]).dispatched_at is None

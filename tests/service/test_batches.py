@@ -90,13 +90,17 @@ def test_malformed_batch_bodies_name_the_field(client, acme, settings):
     assert stored(settings) == before
 
 
-def test_batch_that_does_not_fit_the_queue_is_refused_whole(client, acme, settings):
+def queued_for(settings, tenant: str) -> int:
     with session_scope(settings.database_url) as session:
-        queued = session.execute(
+        return session.execute(
             select(func.count())
             .select_from(Job)
-            .where(Job.status == "queued", Job.tenant == "acme")
+            .where(Job.status == "queued", Job.tenant == tenant)
         ).scalar_one()
+
+
+def test_batch_that_does_not_fit_the_queue_is_refused_whole(client, acme, settings):
+    queued = queued_for(settings, "acme")
     tight = TestClient(create_app(settings.model_copy(update={"max_queued_jobs": queued + 1})))
     before = stored(settings)
     response = tight.post("/v1/batches", json={"requests": [video(), video()]}, headers=acme)
@@ -189,3 +193,57 @@ def test_batches_are_listed_newest_first_per_tenant_with_a_cursor(client, settin
     assert [b["id"] for b in rest["data"]] == made[:1] and rest["has_more"] is False
     assert_error(client.get("/v1/batches?limit=0", headers=headers), 400, "limit", "between 1")
     assert_error(client.get("/v1/batches?after=batch_nope", headers=headers), 400, "after")
+
+
+def test_videos_added_to_a_batch_in_chunks_resume_by_item_key_and_report_bad_items(
+    client, acme, settings
+):
+    batch = client.post("/v1/batches", headers=acme).json()["id"]
+    items = [{**video(seed=i), "item_key": f"{batch}:{i}"} for i in range(5)]
+    items[3] = {**video(size="33x32"), "item_key": f"{batch}:3"}
+    url = f"/v1/batches/{batch}/videos"
+    first = client.post(url, json={"requests": items}, headers=acme)
+    assert first.status_code == 200, first.text
+    answer = first.json()
+    assert [(i["index"], i["created"]) for i in answer["data"]] == [
+        (0, True), (1, True), (2, True), (4, True)
+    ]  # fmt: skip
+    (bad,) = answer["errors"]
+    assert bad["index"] == 3 and bad["error"]["param"] == "requests[3].size"
+    # Sent again (a resumed run): the same videos, nothing new; the fixed line goes in.
+    items[3] = {**video(seed=3), "item_key": f"{batch}:3"}
+    again = client.post(url, json={"requests": items}, headers=acme).json()
+    assert [(i["index"], i["created"]) for i in again["data"]] == [
+        (0, False), (1, False), (2, False), (3, True), (4, False)
+    ]  # fmt: skip
+    assert {i["id"] for i in again["data"]} >= {i["id"] for i in answer["data"]}
+    counts = client.get(f"/v1/batches/{batch}", headers=acme).json()["request_counts"]
+    assert counts["total"] == 5
+    # The same key with another body is that item's error, not a duplicate.
+    changed = client.post(
+        url, json={"requests": [{**video(seed=99), "item_key": f"{batch}:0"}]}, headers=acme
+    ).json()
+    assert changed["data"] == [] and changed["errors"][0]["error"]["code"] == (
+        "idempotency_key_reused"
+    )
+    assert_error(
+        client.post("/v1/batches/batch_nope/videos", json={"requests": [video()]}, headers=acme),
+        404,
+        "batch_id",
+        "batch_nope",
+    )
+    client.post(f"/v1/batches/{batch}/cancel", headers=acme)
+    closed = client.post(url, json={"requests": [video()]}, headers=acme)
+    assert_error(closed, 409, "batch_id", "cancelled")
+
+
+def test_a_chunk_that_does_not_fit_the_tenants_queue_is_refused_whole(client, acme, settings):
+    batch = client.post("/v1/batches", headers=acme).json()["id"]
+    queued = queued_for(settings, "acme")
+    tight = TestClient(create_app(settings.model_copy(update={"max_queued_jobs": queued + 2})))
+    before = stored(settings)
+    response = tight.post(
+        f"/v1/batches/{batch}/videos", json={"requests": [video()] * 3}, headers=acme
+    )
+    assert_error(response, 429, None, "no room for 3 more")
+    assert stored(settings) == before

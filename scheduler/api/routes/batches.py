@@ -13,9 +13,16 @@ from scheduler.api import batches
 from scheduler.api.auth import CurrentPrincipal, Tenant
 from scheduler.api.body import parse_json, read_limited
 from scheduler.api.context import ApiContext, get_context
+from scheduler.api.errors import error_body
 from scheduler.api.openapi import VIDEO_FIELDS, errors
 from scheduler.api.pagination import LIMIT_RANGE, check_limit
-from scheduler.api.schemas import BatchList, BatchObject
+from scheduler.api.schemas import (
+    BatchItem,
+    BatchItemError,
+    BatchList,
+    BatchObject,
+    BatchVideosAdded,
+)
 from scheduler.api.session import SessionDep
 
 router = APIRouter(prefix="/v1", tags=["batches"], responses=errors(401, 403, 429, 500, 503))
@@ -50,6 +57,37 @@ _BATCH_BODY = {
                             "additionalProperties": {"type": "string"},
                             "maxProperties": batches.MAX_METADATA_ITEMS,
                         },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+# Each item stands alone: one that breaks these rules comes back in ``errors`` by its index
+# and the others are stored, so the schema of an item is documented, not enforced whole.
+_ITEM: dict = {
+    "description": "A video create body (an object: the fields of POST /v1/videos but "
+    "batch_id), plus an optional item_key (1..255 characters) that makes sending it again "
+    "harmless. Checked item by item: a bad one is reported in errors.",
+}
+_APPEND_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["requests"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "requests": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": batches.MAX_BATCH_REQUESTS,
+                            "items": _ITEM,
+                        }
                     },
                 }
             }
@@ -112,3 +150,35 @@ def retrieve_batch(tenant: Tenant, session: SessionDep, batch_id: str) -> BatchO
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject, responses=errors(404))
 def cancel_batch(tenant: Tenant, session: SessionDep, batch_id: str) -> BatchObject:
     return _object(session, batches.cancel(session, tenant, batch_id))
+
+
+@router.post(
+    "/batches/{batch_id}/videos",
+    response_model=BatchVideosAdded,
+    openapi_extra=_APPEND_BODY,
+    responses=errors(400, 404, 409, 413),
+)
+def add_videos(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    context: Context,
+    batch_id: str,
+    body: Annotated[Any, Depends(_batch_body)],
+) -> BatchVideosAdded:
+    """Add up to 1000 videos to the batch; each item may carry an ``item_key`` that makes
+    re-sending it harmless. Bad items come back in ``errors`` by index; the rest are stored."""
+    outcome = batches.append(session, context, principal, batch_id, body)
+    return BatchVideosAdded(
+        batch_id=batch_id,
+        data=sorted(
+            [BatchItem(index=i, id=job.id, created=True) for i, job in outcome.created]
+            + [BatchItem(index=i, id=job.id, created=False) for i, job in outcome.existing],
+            key=lambda item: item.index,
+        ),
+        errors=[
+            BatchItemError(
+                index=i, error=error_body(err.status, err.message, err.param, err.code)["error"]
+            )
+            for i, err in outcome.errors
+        ],
+    )

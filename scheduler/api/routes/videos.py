@@ -14,14 +14,13 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
-from botocore.exceptions import ClientError
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from fvb_core.db.models import Job
 from fvb_core.jobs import JobStatus
-from fvb_core.storage import StorageUnavailable, spritesheet_key, thumbnail_key
+from fvb_core.storage import ObjectMissing, StorageUnavailable, spritesheet_key, thumbnail_key
 from scheduler.api import jobs
 from scheduler.api.auth import CurrentPrincipal, Tenant
 from scheduler.api.context import ApiContext, get_context
@@ -173,21 +172,19 @@ def download_video(
     release = _Once(context.take_download_slot())
     try:
         size, chunks = context.store.open(key)
+    except ObjectMissing as err:
+        release()
+        if variant == "video":
+            raise ApiError.not_found(
+                f"The content of video '{video_id}' is no longer stored"
+            ) from err
+        raise ApiError.not_found(
+            f"The {variant} of video '{video_id}' is not stored (a video rendered before "
+            "previews existed has none)",
+            "variant",
+        ) from err
     except StorageUnavailable as err:
         release()
-        cause = err.__cause__
-        if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in (
-            "NoSuchKey",
-            "404",
-        ):
-            what = "content" if variant == "video" else f"{variant}"
-            raise ApiError.not_found(
-                f"The {what} of video '{video_id}' is not stored (a video rendered before "
-                "previews existed has none)"
-                if variant != "video"
-                else f"The content of video '{video_id}' is no longer stored",
-                "variant" if variant != "video" else None,
-            ) from err
         raise ApiError(
             503,
             "storage is unavailable; retry later",
