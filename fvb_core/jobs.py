@@ -144,3 +144,26 @@ def _checked(name: str, value: Any) -> Any:
     if name == "seconds":
         return str(value)
     return value
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """``Job.result``: what the worker recorded of the render it stored (the manifest's
+    columns that only the worker knows). Written once, by the attempt that succeeded."""
+
+    frames: int | None = None
+    fps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    #: sha256 over the model folder's ``model_index.json`` and component configs (first 16
+    #: hex digits): which weights rendered it.
+    model_revision: str | None = None
+    gpu_name: str | None = None
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any] | None) -> JobResult:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (document or {}).items() if k in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -82,7 +82,27 @@ class Settings(BaseSettings):
     #: fails with storage_unavailable when it has no attempt left.
     storage_outage_max_s: float = Field(default=3600.0, gt=0)
 
+    # Retention (scheduler/sweeper.py). A succeeded video's objects are deleted this many
+    # seconds after it finished (a batch may set its own); None keeps them until deleted.
+    retention_s: int | None = Field(default=None, gt=0)
+    sweep_interval_s: float = Field(default=60.0, gt=0)
+    #: Objects of attempts that lost, and unfinished multipart uploads, older than this go.
+    orphan_max_age_s: float = Field(default=86400.0, gt=0)
+
+    # Webhooks (scheduler/webhooks.py).
+    #: Hosts or CIDRs a webhook URL may resolve to although loopback/private/link-local.
+    webhook_allow_hosts: list[str] = Field(default_factory=list)
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    #: Delivery retries back off from this, doubling, up to webhook_backoff_max_s; an event
+    #: is given up after webhook_max_age_s of failed attempts.
+    webhook_backoff_base_s: float = Field(default=5.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=300.0, gt=0)
+    webhook_max_age_s: float = Field(default=3 * 86400.0, gt=0)
+    webhook_poll_s: float = Field(default=1.0, gt=0)
+
     # Worker.
+    #: Prompt embeddings a worker keeps for reuse by the next seeds of the same prompt.
+    embedding_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
     worker_pool: str = "default"
     worker_device: str | None = None
     worker_gpus: str | None = None

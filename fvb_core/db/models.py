@@ -56,9 +56,14 @@ class Base(DeclarativeBase):
 
 class Batch(Base):
     __tablename__ = "batches"
+    __table_args__ = (UniqueConstraint("tenant", "name", name="uq_batches_tenant_name"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128), index=True)
+    #: The tenant's name for it (``fvb bulk submit --name``): resubmitting under it resumes.
+    name: Mapped[str | None] = mapped_column(String(128), default=None)
+    #: Seconds its videos' objects are kept after they finish (NULL: the deployment's).
+    retention_s: Mapped[int | None] = mapped_column(Integer, default=None)
     status: Mapped[str] = mapped_column(String(16), default=BatchStatus.OPEN)
     params: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -91,6 +96,15 @@ class Job(Base):
             postgresql_where=text("status = 'queued' AND dispatched_at IS NOT NULL"),
         ),
         Index("ix_jobs_tenant_finished", "tenant", "finished_at"),
+        # A batch's counts and "is anything of it unfinished" without visiting its rows.
+        Index("ix_jobs_batch_status", "batch_id", "status"),
+        # The retention sweeper's question: which stored videos are past their expiry.
+        Index(
+            "ix_jobs_expiring",
+            "expires_at",
+            sqlite_where=text("expires_at IS NOT NULL AND expired_at IS NULL"),
+            postgresql_where=text("expires_at IS NOT NULL AND expired_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -129,6 +143,15 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: Seconds its objects are kept once it finished (its batch's or the deployment's at
+    #: create; NULL: kept until deleted). ``expires_at`` is set from it when it succeeds.
+    retention_s: Mapped[int | None] = mapped_column(Integer, default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: When the sweeper deleted its objects.
+    expired_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: What the worker recorded of the render it stored: frames, fps, width, height, model
+    #: revision, GPU name (``fvb_core.jobs.JobResult``).
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class JobEvent(Base):
@@ -209,3 +232,48 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class Webhook(Base):
+    """A URL a tenant (``batch_id`` NULL: all its jobs) or one batch registered for events."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), default=None, index=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    #: ``whsec_<base64>``: the standard-webhooks signing secret, shown once at registration.
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookEvent(Base):
+    """The outbox: one row per (webhook, event), written in the transaction of the state
+    change it reports, delivered at least once by the scheduler process. ``id`` is the
+    event id receivers de-duplicate by; ``dedupe_key`` keeps one event from being queued twice."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "dedupe_key", name="uq_webhook_events_dedupe"),
+        Index(
+            "ix_webhook_events_due",
+            "next_attempt_at",
+            sqlite_where=text("delivered_at IS NULL AND given_up_at IS NULL"),
+            postgresql_where=text("delivered_at IS NULL AND given_up_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    dedupe_key: Mapped[str] = mapped_column(String(160))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    given_up_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)

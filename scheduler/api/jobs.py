@@ -193,9 +193,14 @@ def submit(
 
 
 def new_job(
-    context: ApiContext, tenant: str, request: VideoRequest, idempotency_key: str | None = None
+    context: ApiContext,
+    tenant: str,
+    request: VideoRequest,
+    idempotency_key: str | None = None,
+    retention_s: int | None = None,
 ) -> Job:
-    """The row of a new queued job (not yet inserted), its input image already stored."""
+    """The row of a new queued job (not yet inserted), its input image already stored.
+    ``retention_s``: its batch's retention; else the deployment's (``FVB_RETENTION_S``)."""
     job_id = transitions.new_job_id()
     image_key = _upload_image(context, job_id, request.image.png) if request.image else None
     seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
@@ -213,6 +218,7 @@ def new_job(
         idempotency_key=idempotency_key,
         request_hash=request.request_hash(),
         batch_id=request.batch_id,
+        retention_s=retention_s or context.settings.retention_s,
         created_at=now,
         updated_at=now,
     )
