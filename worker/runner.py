@@ -295,7 +295,9 @@ class JobRunner:
             )
         except StorageUnavailable as err:
             tries = self.settings.storage_retry_attempts
-            raise StorageUnavailable(f"{err} (gave up after {tries} tries)") from err
+            raise StorageUnavailable(
+                f"download of {key}: {err} (gave up after {tries} tries)"
+            ) from err
         from PIL import Image
 
         try:
