@@ -91,7 +91,7 @@ class Settings(BaseSettings):
 
     # Webhooks (scheduler/webhooks.py).
     #: Hosts or CIDRs a webhook URL may resolve to although loopback/private/link-local.
-    webhook_allow_hosts: list[str] = Field(default_factory=list)
+    webhook_allow_hosts: tuple[str, ...] = ()
     webhook_timeout_s: float = Field(default=5.0, gt=0)
     #: Delivery retries back off from this, doubling, up to webhook_backoff_max_s; an event
     #: is given up after webhook_max_age_s of failed attempts.

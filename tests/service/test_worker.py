@@ -93,9 +93,12 @@ class WorkerProcess:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FVB_")}
-    for name, value in settings.model_dump().items():
+    for name, value in settings.model_dump(mode="json").items():
         if value is not None:
-            env[f"FVB_{name.upper()}"] = str(value)
+            # Lists and tuples as JSON, the way pydantic-settings reads them from the env.
+            env[f"FVB_{name.upper()}"] = (
+                json.dumps(value) if isinstance(value, list | dict) else str(value)
+            )
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return env
 
