@@ -13,8 +13,9 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from fvb_core.presign import Presigner
 from fvb_core.settings import Settings
 
 
@@ -89,6 +91,27 @@ def earlier_attempt_keys(keys: list[str], job_id: str, attempt: int) -> list[str
     return sorted(earlier)
 
 
+#: ``videos/<job>/...`` and ``inputs/<job>/...``: the job a key belongs to.
+_JOB_OF_KEY = re.compile(r"^(?:videos|inputs)/([^/]+)/[^/]+$")
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    job_id: str
+    #: The attempt that wrote it (``attempt-<n>.*`` under ``videos/``); None for the input
+    #: image and any other name.
+    attempt: int | None
+
+
+def key_owner(key: str) -> KeyOwner | None:
+    """The job (and attempt) a key belongs to, by the rules above; None for other keys."""
+    match = _JOB_OF_KEY.match(key)
+    if match is None:
+        return None
+    attempt = _ATTEMPT_OF_KEY.search(key) if key.startswith("videos/") else None
+    return KeyOwner(match.group(1), int(attempt.group(1)) if attempt else None)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -102,6 +125,25 @@ class StoredObject:
     key: str
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    key: str
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class UnfinishedUpload:
+    """A multipart upload begun and never completed nor aborted (its parts take space)."""
+
+    key: str
+    upload_id: str
+    initiated: datetime
+
+
+#: DeleteObjects takes at most this many keys a request.
+_DELETE_BATCH = 1000
 
 
 class VideoStore:
@@ -212,6 +254,84 @@ class VideoStore:
         for key in keys:
             self._call("delete_object", self.client.delete_object, Bucket=self.bucket, Key=key)
 
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Delete ``keys`` (a missing one counts as deleted), up to 1000 a request; how many.
+        StorageUnavailable if the store refused any of them."""
+        keys = sorted(set(keys))
+        for start in range(0, len(keys), _DELETE_BATCH):
+            chunk = keys[start : start + _DELETE_BATCH]
+            answer = self._call(
+                "delete_objects",
+                self.client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
+            )
+            refused = answer.get("Errors") or []
+            if refused:
+                first = refused[0]
+                raise StorageUnavailable(
+                    f"storage delete_objects refused {len(refused)} key(s), e.g. "
+                    f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+                )
+        return len(keys)
+
+    def job_keys(self, job_id: str) -> list[str]:
+        """Every stored key of the job (all attempts, its input)."""
+        return [key for prefix in job_prefixes(job_id) for key in self.list_keys(prefix)]
+
+    def list_page(
+        self, prefix: str = "", start_after: str = "", max_keys: int = 1000
+    ) -> tuple[list[ListedObject], bool]:
+        """One page of the keys under ``prefix`` that sort after ``start_after``, in key
+        order, with their age; and whether more follow."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        if start_after:
+            kwargs["StartAfter"] = start_after
+        page = self._call("list_objects_v2", self.client.list_objects_v2, **kwargs)
+        listed = [ListedObject(o["Key"], o["LastModified"]) for o in page.get("Contents", [])]
+        return listed, bool(page.get("IsTruncated")) and bool(listed)
+
+    def unfinished_uploads(self, limit: int = 1000) -> list[UnfinishedUpload]:
+        """Up to ``limit`` multipart uploads of the bucket that were never completed."""
+        uploads: list[UnfinishedUpload] = []
+        markers: dict[str, str] = {}
+        while len(uploads) < limit:
+            page = self._call(
+                "list_multipart_uploads",
+                self.client.list_multipart_uploads,
+                Bucket=self.bucket,
+                MaxUploads=min(1000, limit - len(uploads)),
+                **markers,
+            )
+            uploads += [
+                UnfinishedUpload(u["Key"], u["UploadId"], u["Initiated"])
+                for u in page.get("Uploads", [])
+            ]
+            following = {
+                "KeyMarker": page.get("NextKeyMarker") or "",
+                "UploadIdMarker": page.get("NextUploadIdMarker") or "",
+            }
+            # Some stores (SeaweedFS) say "truncated" without a key marker: stop there.
+            if not page.get("IsTruncated") or not following["KeyMarker"] or following == markers:
+                break
+            markers = following
+        return uploads[:limit]
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload and drop its parts (one already gone is fine)."""
+        try:
+            self._call(
+                "abort_multipart_upload",
+                self.client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+            )
+        except StorageUnavailable as err:
+            code = getattr(err.__cause__, "response", {}).get("Error", {}).get("Code")
+            if code != "NoSuchUpload":
+                raise
+
     def list_keys(self, prefix: str) -> list[str]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=prefix
@@ -236,7 +356,19 @@ class VideoStore:
 
         return response.get("ContentLength"), chunks()
 
+    @cached_property
+    def _presigner(self) -> Presigner | None:
+        s = self.settings
+        if not (s.s3_endpoint_url and s.s3_access_key and s.s3_secret_key):
+            return None  # credentials from boto3's own chain: let it sign
+        return Presigner(
+            s.s3_endpoint_url, self.bucket, s.s3_access_key, s.s3_secret_key, s.s3_region
+        )
+
     def presigned_get_url(self, key: str) -> str:
+        """A GET URL valid for ``presign_expiry_s`` (SigV4; a few microseconds each)."""
+        if self._presigner is not None:
+            return self._presigner.url(key, self.settings.presign_expiry_s)
         return self.client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": key},

@@ -6,8 +6,11 @@ fvb scheduler                release queued jobs to the workers' queues; the rea
 fvb worker --gpus 0          one GPU worker (or --device cpu)
 fvb db upgrade               apply database migrations
 fvb keys create --tenant T   create an API key (printed once); keys list, keys revoke ID
-fvb submit prompts.jsonl --model M [--wait --download DIR]
+fvb bulk submit prompts.jsonl --model M [--seeds 0-3 --name N --set k=v]
                              render a dataset as one batch through the API
+fvb bulk status|watch|list|retry-failed|cancel|export ...
+                             follow it, and write its manifest (fvb_tools/bulk_cli.py)
+fvb submit ...               fvb bulk submit, under its first name
 
 While an ``fvb up`` runs in the data dir (``.fvb``, ``FVB_DATA_DIR``), ``fvb submit``, ``fvb
 keys`` and ``fvb db`` use its database, API and dev key (from its ``stack.env``) unless the
@@ -26,8 +29,10 @@ import threading
 from importlib import metadata
 from pathlib import Path
 
+from fvb_tools.bulk_cli import BulkFailure, add_bulk_commands, add_submit_args
+
 #: Commands that act on an existing deployment (and so on a running local stack).
-_CLIENT_COMMANDS = ("submit", "keys", "db")
+_CLIENT_COMMANDS = ("submit", "bulk", "keys", "db")
 
 
 class UsageError(ValueError):
@@ -129,24 +134,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("key", help="the key's id (key_...) or its prefix (fvb-...)")
 
-    submit = command(
-        "submit", "render a dataset (.jsonl bodies or one prompt per line) as one batch"
+    add_submit_args(command("submit", "render a dataset file as one batch (= fvb bulk submit)"))
+    add_bulk_commands(
+        command("bulk", "bulk dataset generation: submit, follow, retry, export a manifest"),
+        _formatter,
     )
-    submit.add_argument("dataset", type=Path)
-    submit.add_argument("--model", default=None, help="for lines that name none")
-    submit.add_argument(
-        "--api-url",
-        default=None,
-        help="the API's /v1 URL (default: FVB_API_URL, the running `fvb up`, or "
-        "FVB_API_HOST/FVB_API_PORT)",
-    )
-    submit.add_argument(
-        "--api-key", default=None, help="default: FVB_API_KEY, or the running `fvb up`'s dev key"
-    )
-    submit.add_argument("--batch-id", default=None, help="resume submitting into this batch")
-    submit.add_argument("--wait", action="store_true", help="follow the batch to the end")
-    submit.add_argument("--download", type=Path, default=None, help="then save the videos here")
-    submit.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
 
@@ -292,46 +284,18 @@ def _keys(ns: argparse.Namespace) -> int:
 
 
 def _submit(ns: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from fvb_tools import bulk, bulk_cli
 
-    from fvb_core.settings import get_settings
-    from fvb_tools import bulk
-
-    settings = get_settings()
-    api_url = ns.api_url or settings.api_url
-    if api_url is None:
-        host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
-        api_url = f"http://{host}:{settings.api_port}/v1"
-    client = bulk.Client(api_url, ns.api_key or settings.api_key)
-    batch_id = ns.batch_id
     try:
-        total = sum(1 for _ in bulk.read_dataset(ns.dataset, ns.model))  # parse it all first
-        if batch_id is None:
-            batch_id = bulk.create_batch(client, ns.dataset)
-        print(f"batch {batch_id} (resume with --batch-id {batch_id})", flush=True)
-        with tqdm(total=total, desc="submitting", unit="video", disable=ns.no_progress) as bar:
-            outcome = bulk.submit_dataset(client, ns.dataset, ns.model, batch_id, progress=bar)
-        print(
-            f"batch {batch_id}: {outcome.submitted} videos submitted "
-            f"({outcome.created} new, {outcome.existing} already there)",
-            flush=True,
-        )
-        for line, message in outcome.failed:
-            print(f"{ns.dataset}:{line}: rejected: {message}", file=sys.stderr)
-        if ns.wait or ns.download is not None:
-            with tqdm(desc="rendering", unit="video", disable=ns.no_progress) as bar:
-                batch = bulk.wait_for_batch(client, batch_id, progress=bar)
-            counts = batch["request_counts"]
-            print(
-                f"batch {batch_id} {batch['status']}: {counts['completed']} completed, "
-                f"{counts['failed']} failed, {counts['cancelled']} cancelled"
-            )
-        if ns.download is not None:
-            written = bulk.download_batch(client, batch_id, ns.download)
-            print(f"{len(written)} videos written to {ns.download}")
+        return bulk_cli.submit(ns)
     except bulk.ApiFailure as err:
         raise RunFailure(str(err)) from None
-    return 1 if outcome.failed else 0
+
+
+def _bulk(ns: argparse.Namespace) -> int:
+    from fvb_tools import bulk_cli
+
+    return bulk_cli.run(ns)
 
 
 def _use_running_stack(data_dir: Path) -> None:
@@ -364,7 +328,7 @@ def _describe(err: BaseException) -> tuple[int, str] | None:
         return 2, f"bad setting: {problems}"
     if isinstance(err, UsageError | ValueError):
         return 2, str(err)
-    if isinstance(err, RunFailure | DataDirInUse):
+    if isinstance(err, RunFailure | DataDirInUse | BulkFailure):
         return 1, str(err)
     if isinstance(err, ServiceStartError):
         first, _, _ = str(err).partition("\n")
@@ -390,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "db": lambda: _db(ns),
         "keys": lambda: _keys(ns),
         "submit": lambda: _submit(ns),
+        "bulk": lambda: _bulk(ns),
     }
     try:
         if ns.command in ("api", "scheduler"):

@@ -1,7 +1,8 @@
-"""``fvb scheduler``: the release loop and the reaper in one process.
+"""``fvb scheduler``: the release loop, the reaper and the retention sweeper in one process.
 
 Release passes run back to back while they find work to do and every ``release_interval_s``
-otherwise; the reaper every ``reaper_interval_s``. A pass that fails (the database or the
+otherwise; the reaper every ``reaper_interval_s``; the sweeper (``scheduler/sweeper.py``)
+every ``sweep_interval_s`` in a thread of its own. A pass that fails (the database or the
 broker is down) is logged and tried again. Several processes may run: the ``release`` lease
 lets one release at a time (the others stand by and take over when it stops renewing), and
 the reaper's single guarded statement is safe to run from all of them.
@@ -18,6 +19,8 @@ from fvb_core.models_config import ServedModel, load_models_config
 from fvb_core.settings import Settings
 from scheduler.reaper import reap
 from scheduler.release import Releaser
+from scheduler.sweeper import run_sweeper
+from scheduler.webhooks import start_webhooks
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,13 @@ def run_scheduler(
         settings.reaper_interval_s,
     )
     next_reap = 0.0
+    # Retention and orphans: its own thread, so a slow store never holds up a release.
+    sweeper = threading.Thread(
+        target=run_sweeper, args=(settings, stop, releaser.holder), name="sweeper", daemon=True
+    )
+    sweeper.start()
+    # Webhook delivery (scheduler/webhooks.py): its own thread, a slow receiver holds up nothing.
+    webhooks = start_webhooks(settings, stop)
     try:
         while not stop.is_set():
             busy = False
@@ -72,4 +82,6 @@ def run_scheduler(
             releaser.step_down()
         except Exception:  # the database may be the reason we stop
             log.warning("could not give the release lease up; it expires by itself")
+        sweeper.join(10)
+        webhooks.join(10)
     log.info("scheduler stopped")

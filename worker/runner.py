@@ -32,7 +32,8 @@ Outages:
 Outcomes (each a guarded transition named by the attempt, see ``fvb_core/db/transitions.py``):
 
 - succeeded: the objects are at the attempt's keys, and the row records the video in the
-  same UPDATE that sets ``succeeded``.
+  same UPDATE that sets ``succeeded``, with what only the worker knows (``Job.result``: the
+  frames, fps and size rendered, the model's revision, the GPU) and the stage timings.
 - failed, with ``error_code`` one of: ``invalid_params`` (the engine refused the request),
   ``model_load_failed``, ``out_of_memory``, ``storage_unavailable`` (the store stayed down past
   the outage limit on the job's last attempt), ``internal_error`` (anything else; the message
@@ -46,7 +47,9 @@ Outcomes (each a guarded transition named by the attempt, see ``fvb_core/db/tran
 
 from __future__ import annotations
 
+import inspect
 import io
+import json
 import logging
 import os
 import socket
@@ -69,7 +72,7 @@ from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled
 from fastvideo.utils.video_io import frames_to_uint8, write_mp4
 from fvb_core.db import transitions
 from fvb_core.db.session import session_scope
-from fvb_core.jobs import JobParams
+from fvb_core.jobs import JobParams, JobResult
 from fvb_core.models_config import ServedModel, load_models_config
 from fvb_core.settings import Settings
 from fvb_core.storage import (
@@ -84,6 +87,7 @@ from fvb_core.storage import (
     sidecar_key,
     video_key,
 )
+from worker.embedding_cache import NEGATIVE, PROMPT, EmbeddingCache, EmbeddingKey
 from worker.failures import RenderFailed
 from worker.heartbeat import AttemptLiveness
 from worker.pipeline_cache import PipelineCache
@@ -104,6 +108,18 @@ log = logging.getLogger(__name__)
 MAX_FINISHING = 2
 
 T = TypeVar("T")
+
+#: The tokenizer length the engine encodes prompts with (``ForwardBatch.max_sequence_length``,
+#: Wan's 512), passed to ``encode_prompt`` so that a cached embedding is what the render
+#: would have computed.
+MAX_SEQUENCE_LENGTH = 512
+
+
+def gpu_name(device: str | None) -> str:
+    """The GPU this process renders on (``torch.cuda.get_device_name()``), or "cpu"."""
+    if device is not None and torch.device(device).type == "cpu":
+        return "cpu"
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def make_worker_id(settings: Settings) -> str:
@@ -128,6 +144,8 @@ class Rendered:
     timings: dict[str, float] = field(default_factory=dict)
     #: False when earlier attempts' objects could not be removed at the claim (store down).
     earlier_removed: bool = True
+    #: ``PipelineCache.revision`` of the model that rendered it.
+    model_revision: str | None = None
 
 
 Outcome = str | RenderFailed
@@ -147,6 +165,9 @@ class JobRunner:
             settings.pipeline_cache_size, settings.worker_device, settings.worker_gpus
         )
         self.store = VideoStore(settings)
+        #: Prompt embeddings reused by the next videos of the same text (on the CPU).
+        self.embeddings = EmbeddingCache(settings.embedding_cache_bytes)
+        self._gpu_name: str | None = None
         self._models: dict[str, ServedModel] = {}
         self._finishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fvb-finish")
         self._slots = threading.BoundedSemaphore(MAX_FINISHING)
@@ -215,9 +236,14 @@ class JobRunner:
         try:
             kwargs = JobParams.from_json(claim.params).generation_kwargs()
             image = self._input_image(claim, liveness)
+            revision = self.pipelines.revision(model)
+            started = time.perf_counter()
+            embeds = self._prompt_embeds(claim, model, revision, generator, kwargs)
+            timings["text_encode"] = time.perf_counter() - started
             started = time.perf_counter()
             result = generator.generate_video(
                 **kwargs,
+                **embeds,
                 image=image,
                 return_frames=True,
                 callback=liveness.on_step,
@@ -247,6 +273,10 @@ class JobRunner:
         if liveness.should_stop:
             return self._stop(claim, liveness)
         timings.update(result.stage_timings)
+        # The manifest's names for the engine's stages (the stage names stay as well).
+        timings["text_encode"] += timings.get("prompt_encoding_stage", 0.0)
+        timings["denoise"] = timings.get("denoising_stage", 0.0)
+        timings["decode"] = timings.get("decoding_stage", 0.0)
         log.info(
             "job %s: rendered %d frames %dx%d in %.2fs (steps done: %d)",
             claim.job_id,
@@ -264,7 +294,76 @@ class JobRunner:
             seed=result.seed,
             claimed_at=claimed_at,
             timings=timings,
+            model_revision=revision,
         )
+
+    def _prompt_embeds(
+        self,
+        claim: transitions.Claim,
+        model: ServedModel,
+        revision: str,
+        generator: Any,
+        kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """``generate_video``'s ``prompt_embeds``/``negative_prompt_embeds`` for this job: from
+        the embedding cache, or encoded now (only the texts the cache lacks) and kept there.
+        Empty when the cache is off or the engine cannot encode on its own (then
+        ``generate_video`` encodes the texts itself)."""
+        encode = getattr(generator, "encode_prompt", None)
+        if not self.embeddings.enabled or not callable(encode):
+            return {}
+        guidance = kwargs.get("guidance_scale")
+        if guidance is None:  # not recorded: the engine's default decides
+            default = inspect.signature(generator.generate_video).parameters["guidance_scale"]
+            guidance = default.default
+        guided = guidance > 1.0
+        engine = json.dumps(
+            {
+                "gpus": model.gpus,
+                "options": model.pipeline_options,
+                "device": self.settings.worker_device,
+            },
+            sort_keys=True,
+            default=str,
+        )
+        prompt, negative = kwargs["prompt"], kwargs.get("negative_prompt")
+
+        def key(role: str, text: str | None) -> EmbeddingKey:
+            return EmbeddingKey(model.name, revision, engine, role, text, MAX_SEQUENCE_LENGTH)
+
+        prompt_embeds = self.embeddings.get(key(PROMPT, prompt))
+        negative_embeds = self.embeddings.get(key(NEGATIVE, negative)) if guided else None
+        missing = [
+            role
+            for role, found in ((PROMPT, prompt_embeds), (NEGATIVE, negative_embeds))
+            if found is None and (role == PROMPT or guided)
+        ]
+        if missing:
+            # Only the missing texts are encoded: embeddings passed in come back as they are.
+            encoded, encoded_negative = encode(
+                prompt,
+                negative,
+                do_classifier_free_guidance=guided,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+            )
+            if prompt_embeds is None:
+                prompt_embeds = encoded
+                self.embeddings.put(key(PROMPT, prompt), encoded)
+            if guided and negative_embeds is None:
+                negative_embeds = encoded_negative
+                self.embeddings.put(key(NEGATIVE, negative), encoded_negative)
+        log.info(
+            "job %s: prompt embeddings %s (cache %s)",
+            claim.job_id,
+            f"encoded: {', '.join(missing)}" if missing else "reused",
+            self.embeddings.counters(),
+        )
+        embeds = {"prompt_embeds": prompt_embeds}
+        if negative_embeds is not None:
+            embeds["negative_prompt_embeds"] = negative_embeds
+        return embeds
 
     def _model(self, name: str) -> ServedModel:
         if name not in self._models:  # a model added to the config since we last read it
@@ -391,6 +490,7 @@ class JobRunner:
             started = time.perf_counter()
             previews = make_previews(rendered.frames, Path(tmp), claim.job_id, claim.attempt)
             timings["previews"] = time.perf_counter() - started
+            timings["encode"] = timings["mp4_encode"] + timings["previews"]
             outage = Outage(self.settings.storage_outage_max_s)
 
             def upload(what: str, fn: Callable[[], T]) -> T:
@@ -436,6 +536,7 @@ class JobRunner:
             return self._stop(claim, liveness)
 
         stage_timings = {k: round(v, 4) for k, v in timings.items()}
+        result = self._result(rendered).to_json()
         won = self._record(
             claim,
             "success",
@@ -447,6 +548,7 @@ class JobRunner:
                 output_bytes=size,
                 output_sha256=digest,
                 stage_timings=stage_timings,
+                result=result,
             ),
         )
         if won:
@@ -469,6 +571,20 @@ class JobRunner:
             "cancelled" if cancelled else "superseded",
         )
         return "cancelled" if cancelled else "superseded"
+
+    def _result(self, rendered: Rendered) -> JobResult:
+        """What only the worker knows of the stored video (``Job.result``)."""
+        if self._gpu_name is None:
+            self._gpu_name = gpu_name(self.settings.worker_device)
+        frames = rendered.frames
+        return JobResult(
+            frames=int(frames.shape[0]),
+            fps=rendered.fps,
+            width=int(frames.shape[2]),
+            height=int(frames.shape[1]),
+            model_revision=rendered.model_revision,
+            gpu_name=self._gpu_name,
+        )
 
     def _sidecar(
         self,

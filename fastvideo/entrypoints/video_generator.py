@@ -28,7 +28,14 @@ from fastvideo.models.vaes.wanvae import WanVAEConfig
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch, StepCallback, StepProgress
 from fastvideo.pipelines.pipeline_registry import get_pipeline_class
-from fastvideo.pipelines.runner import RenderOutput, build_pipeline, render
+from fastvideo.pipelines.runner import (
+    TENSOR_FIELDS,
+    RenderOutput,
+    WireTensor,
+    build_pipeline,
+    encode_prompt,
+    render,
+)
 from fastvideo.pipelines.stages.input_validation import InputValidationStage
 from fastvideo.pipelines.stages.latent_preparation import draw_noise, noise_shape
 from fastvideo.utils.video_io import write_mp4
@@ -86,8 +93,8 @@ class GenerationResult:
     #: The mp4 of each video, when output_path was given: output_path itself for a single
     #: video, ``<stem>-<i><suffix>`` beside it for the i-th of several.
     video_paths: list[Path] = field(default_factory=list)
-    #: Each video's prompt.
-    prompts: list[str] = field(default_factory=list)
+    #: Each video's prompt (None for a video rendered from ``prompt_embeds`` alone).
+    prompts: list[str | None] = field(default_factory=list)
 
 
 def _load_image(image: Any) -> Any:
@@ -171,6 +178,31 @@ def _as_prompt_list(prompt: Any) -> list[str]:
     return prompts
 
 
+def _check_embeds(embeds: Any, num_prompts: int, name: str) -> None:
+    """``embeds`` is None or a ``(num_prompts, sequence, dim)`` tensor: one row per prompt."""
+    if embeds is not None and (
+        not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] != num_prompts
+    ):
+        got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise ValueError(
+            f"{name} must be a ({num_prompts}, sequence, dim) torch.Tensor, one row per prompt; "
+            f"got {got}"
+        )
+
+
+def _prompts_of(prompt: Any, prompt_embeds: Any) -> list[Any]:
+    """The prompts of a call, one per video group: None for each row of ``prompt_embeds``
+    when only embeddings came."""
+    if prompt is None and isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.ndim == 3:
+        return [None] * prompt_embeds.shape[0]
+    return list(_as_prompt_list(prompt))
+
+
+def _rows(embeds: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """Prompt ``index``'s embeddings, (1, sequence, dim); None stays None."""
+    return None if embeds is None else embeds[index : index + 1]
+
+
 def _as_negative_list(negative_prompt: Any, num_prompts: int) -> list[str | None]:
     if negative_prompt is None or isinstance(negative_prompt, str):
         return [negative_prompt] * num_prompts
@@ -222,6 +254,14 @@ def _postprocess(frames: list[np.ndarray], output_type: str) -> Any:
     from diffusers.image_processor import VaeImageProcessor
 
     return [VaeImageProcessor.numpy_to_pil(video) for video in stacked]
+
+
+def _to_ranks(request: dict[str, Any]) -> dict[str, Any]:
+    """The request as the executor's connection can carry it: tensors as :class:`WireTensor`."""
+    return {
+        k: WireTensor.pack(v) if k in TENSOR_FIELDS and isinstance(v, torch.Tensor) else v
+        for k, v in request.items()
+    }
 
 
 def _video_paths(output_path: str | os.PathLike, count: int) -> list[Path]:
@@ -305,7 +345,7 @@ class VideoGenerator:
 
     def generate_video(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None,
         negative_prompt: str | Sequence[str] | None = None,
         image: Any = None,
         height: int = 480,
@@ -323,6 +363,8 @@ class VideoGenerator:
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         output_type: str | None = None,
         progress: bool = True,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> GenerationResult:
         """Render ``num_videos_per_prompt`` videos of each prompt, one after another, in
         prompt order (prompt 0's videos first); see :class:`GenerationResult`.
@@ -345,8 +387,17 @@ class VideoGenerator:
         of every video (``progress.step`` counts the steps of the current video); returning
         True stops the call with ``GenerationCancelled`` (on every rank, after the same
         step). ``progress`` shows a tqdm bar of the steps on stderr.
+
+        ``prompt_embeds`` / ``negative_prompt_embeds`` (as diffusers takes them): the text
+        encoder's output for each prompt, ``(num_prompts, sequence, dim)``, for example from
+        :meth:`encode_prompt`; those texts are not encoded again, so the videos equal the
+        ones the prompts give. ``prompt`` may then be None, or name the prompts (one per row:
+        only a label, ``GenerationResult.prompts``). Without ``negative_prompt_embeds`` the
+        negative prompt is encoded as usual (under guidance).
         """
-        prompts = _as_prompt_list(prompt)
+        prompts = _prompts_of(prompt, prompt_embeds)
+        _check_embeds(prompt_embeds, len(prompts), "prompt_embeds")
+        _check_embeds(negative_prompt_embeds, len(prompts), "negative_prompt_embeds")
         negatives = _as_negative_list(negative_prompt, len(prompts))
         per_prompt = num_videos_per_prompt
         if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
@@ -378,6 +429,8 @@ class VideoGenerator:
                 guidance_scale=guidance_scale,
                 seed=None if seed is None else seed + i * per_prompt + j,
                 fps=fps,
+                prompt_embeds=_rows(prompt_embeds, i),
+                negative_prompt_embeds=_rows(negative_prompt_embeds, i),
             )
             for i, (text, negative) in enumerate(zip(prompts, negatives, strict=True))
             for j in range(per_prompt)
@@ -423,6 +476,58 @@ class VideoGenerator:
             video_paths=video_paths,
             prompts=[request["prompt"] for request in requests],
         )
+
+    def encode_prompt(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        max_sequence_length: int = 512,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text encoder's output for ``prompt`` (and, with guidance, ``negative_prompt``:
+        the empty prompt when None), as diffusers' ``WanPipeline.encode_prompt`` returns it:
+        ``(prompt_embeds, negative_prompt_embeds)``, each ``(num_prompts, sequence, dim)``;
+        the second is None without guidance. Embeddings passed in are returned as they are,
+        and their texts are not encoded.
+
+        Give them to :meth:`generate_video` (``prompt_embeds=``, ``negative_prompt_embeds=``)
+        to render several videos of a prompt while encoding it once: the videos equal the
+        ones the prompt gives. On the text encoder's device; with ``num_gpus > 1`` every rank
+        encodes (a tensor-parallel encoder needs them all) and the tensors come back on the
+        CPU.
+        """
+        prompts = _as_prompt_list(prompt)
+        negatives = _as_negative_list(negative_prompt, len(prompts))
+        _check_embeds(prompt_embeds, len(prompts), "prompt_embeds")
+        _check_embeds(negative_prompt_embeds, len(prompts), "negative_prompt_embeds")
+        if (
+            isinstance(max_sequence_length, bool)
+            or not isinstance(max_sequence_length, int)
+            or max_sequence_length < 1
+        ):
+            raise ValueError(
+                f"max_sequence_length must be a positive integer, got {max_sequence_length!r}"
+            )
+        request: dict[str, Any] = dict(
+            prompt=prompts if len(prompts) > 1 else prompts[0],
+            # None: the empty prompt (the stage's default, as diffusers').
+            negative_prompt=None
+            if negative_prompt is None
+            else (negatives if len(negatives) > 1 else negatives[0]),
+            # The stage encodes the negative prompt exactly when guidance_scale > 1.
+            guidance_scale=2.0 if do_classifier_free_guidance else 1.0,
+            max_sequence_length=max_sequence_length,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
+        if self.executor is None:
+            assert self.pipeline is not None
+            return encode_prompt(self.pipeline, self.fastvideo_args, request)
+        embeds, negative = self.executor.encode(_to_ranks(request))
+        return embeds.unpack(), negative.unpack() if negative is not None else None
 
     def _input_validation(self) -> InputValidationStage:
         if self.pipeline is not None:
@@ -489,6 +594,6 @@ class VideoGenerator:
 
     def _render_one(self, request: dict[str, Any], callback: StepCallback | None) -> RenderOutput:
         if self.executor is not None:
-            return self.executor.generate(request, callback)
+            return self.executor.generate(_to_ranks(request), callback)
         assert self.pipeline is not None
         return render(self.pipeline, self.fastvideo_args, request, callback)

@@ -2,9 +2,11 @@
 
 Protocol over one private socket pair with rank 0 (pickled tuples, nothing else listens):
 
-    caller -> rank 0   ("generate", request) | ("step", stop) | ("shutdown",)
-    rank 0 -> caller   ("ready", info) | ("progress", StepProgress) | ("result", RenderOutput)
-                       | ("cancelled", message) | ("error", exception) | ("fatal", message)
+    caller -> rank 0   ("generate", request) | ("encode", request) | ("step", stop)
+                       | ("shutdown",)
+    rank 0 -> caller   ("ready", info) | ("progress", StepProgress) | ("result", RenderOutput
+                       or, for "encode", (WireTensor, WireTensor | None)) | ("cancelled", message)
+                       | ("error", exception) | ("fatal", message)
 
 Rank 0 sends ``progress`` after every denoising step and waits for the caller's ``step``
 reply, so the user's callback runs here, in order, and its stop decision reaches every rank
@@ -43,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled, StepCallback
 
-if TYPE_CHECKING:  # the ranks' output type; the caller need not import the pipelines
-    from fastvideo.pipelines.runner import RenderOutput
+if TYPE_CHECKING:  # the ranks' output types; the caller need not import the pipelines
+    from fastvideo.pipelines.runner import RenderOutput, WireTensor
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +278,15 @@ class MultiRankExecutor:
         ``GenerationCancelled`` when ``callback`` asked to stop), or :class:`RankGroupError`
         when a rank died, hung or disagreed (the group restarts on the next request).
         """
+        return self._request("generate", request, callback)
+
+    def encode(self, request: dict[str, Any]) -> tuple[WireTensor, WireTensor | None]:
+        """Run only the text-encoding stage of a request on every rank (a tensor-parallel
+        text encoder needs them all): rank 0's ``(prompt_embeds, negative_prompt_embeds)``.
+        Fails as :meth:`generate` does."""
+        return self._request("encode", request, None)
+
+    def _request(self, kind: str, request: dict[str, Any], callback: StepCallback | None) -> Any:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this multi-rank executor is closed")
@@ -290,7 +301,7 @@ class MultiRankExecutor:
                 self.start()
             self._in_request = True
             try:
-                return self._run(request, callback)
+                return self._run(kind, request, callback)
             except BaseException:
                 # Still mid-request (a rank died or hung, KeyboardInterrupt while waiting):
                 # the ranks' state is unknown, so stop them and start afresh next time. An
@@ -300,9 +311,9 @@ class MultiRankExecutor:
                     self._stop_ranks(grace_s=0.0)
                 raise
 
-    def _run(self, request: dict[str, Any], callback: StepCallback | None) -> RenderOutput:
+    def _run(self, kind: str, request: dict[str, Any], callback: StepCallback | None) -> Any:
         assert self._conn is not None
-        self._send(("generate", request))
+        self._send((kind, request))
         callback_error: BaseException | None = None
         while True:
             kind, payload = self._receive(self.hang_timeout_s, "running the request")

@@ -41,7 +41,7 @@ from fastvideo.distributed import parallel_state
 from fastvideo.executor.executor import EXIT_COLLECTIVE_FAILED, EXIT_DISAGREED, KEEPALIVE_S
 from fastvideo.fastvideo_args import FastVideoArgs
 from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled, StepProgress
-from fastvideo.pipelines.runner import build_pipeline, render
+from fastvideo.pipelines.runner import WireTensor, build_pipeline, encode_prompt, render
 
 log = logging.getLogger("fastvideo.executor.rank")
 
@@ -174,11 +174,11 @@ class Rank:
             if kind == "shutdown":
                 log.info("rank %d: shutting down after %d request(s)", self.rank, served)
                 return
-            if kind != "generate":
+            if kind not in ("generate", "encode"):
                 raise RuntimeError(f"unknown message {kind!r}")
             served += 1
             started = time.perf_counter()
-            self._answer(*self._run(message[1]))
+            self._answer(*self._run(kind, message[1]))
             log.info(
                 "rank %d: request %d done in %.2fs",
                 self.rank,
@@ -198,9 +198,15 @@ class Rank:
             raise RuntimeError(f"expected the caller's step reply, got {kind!r}")
         return bool(stop)
 
-    def _run(self, request: dict[str, Any]) -> tuple[str, Any]:
+    def _encode(self, request: dict[str, Any]) -> tuple[WireTensor, WireTensor | None]:
+        embeds, negative = encode_prompt(self.pipeline, self.args, request)
+        return WireTensor.pack(embeds), WireTensor.pack(negative) if negative is not None else None
+
+    def _run(self, kind: str, request: dict[str, Any]) -> tuple[str, Any]:
         callback = self._forward_progress if self.conn is not None else None
         try:
+            if kind == "encode":
+                return "ok", self._encode(request)
             return "ok", render(self.pipeline, self.args, request, callback)
         except GenerationCancelled as err:
             return "cancelled", err

@@ -98,6 +98,9 @@ class Job(Base):
         Index("ix_jobs_tenant_finished", "tenant", "finished_at"),
         # A batch's counts and "is anything of it unfinished" without visiting its rows.
         Index("ix_jobs_batch_status", "batch_id", "status"),
+        # Its items in a stable order (pages, the manifest), and its throughput lately.
+        Index("ix_jobs_batch_item", "batch_id", "id"),
+        Index("ix_jobs_batch_finished", "batch_id", "finished_at"),
         # The retention sweeper's question: which stored videos are past their expiry.
         Index(
             "ix_jobs_expiring",
@@ -124,7 +127,7 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     batch_id: Mapped[str | None] = mapped_column(
-        ForeignKey("batches.id", ondelete="SET NULL"), default=None, index=True
+        ForeignKey("batches.id", ondelete="SET NULL"), default=None
     )
     progress: Mapped[int] = mapped_column(Integer, default=0)
     stage_timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

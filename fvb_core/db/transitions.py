@@ -11,7 +11,8 @@ Python, then written. A transition that matched no row returns False (or None) a
 no event.
 
 Each transition that moves a job into or out of ``queued`` also moves its tenant's counter
-(``tenant_counters``) in the same transaction, so admission never counts a backlog.
+(``tenant_counters``) in the same transaction, so admission never counts a backlog. Each one
+that ends a job calls ``outbox.job_finished`` in the same transaction: the webhooks' events.
 ``dispatched_at`` is the scheduler's mark: set when it released the job to its pool's
 queue, cleared when the job goes back to waiting. Callers commit the session.
 """
@@ -22,11 +23,12 @@ import secrets
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Interval,
     String,
     and_,
     case,
@@ -34,13 +36,16 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from fvb_core.db.models import Job, JobEvent, TenantCounter, utcnow
+from fvb_core.db import outbox
+from fvb_core.db.models import Job, JobEvent, TenantCounter, UTCDateTime, utcnow
 from fvb_core.jobs import JobStatus
 
 QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
@@ -126,6 +131,8 @@ def _guarded(
     if row is None:
         return False
     _events(session, [_event(job_id, now, from_status, values["status"], attempt, detail)])
+    if values["status"] in (SUCCEEDED, FAILED, CANCELLED):
+        outbox.job_finished(session, [(job_id, row.tenant)])
     return True
 
 
@@ -263,6 +270,20 @@ def ownership(session: Session, job_id: str, attempt: int) -> Heartbeat:
     return Heartbeat(still_owner=cancel is not None, cancel_requested=bool(cancel))
 
 
+def expiry_after(session: Session, moment: datetime) -> ColumnElement:
+    """SET value: ``moment`` + the row's ``retention_s`` seconds, computed by the database in
+    the statement that writes it (NULL when the job has no retention: kept until deleted)."""
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite keeps UTC as text ('YYYY-MM-DD HH:MM:SS.ffffff'); %f gives milliseconds.
+        start = moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        later = func.strftime(
+            "%Y-%m-%d %H:%M:%f", start, literal("+") + cast(Job.retention_s, String) + " seconds"
+        )
+        return type_coerce(later + literal("000"), UTCDateTime())
+    second = literal_column("INTERVAL '1 second'", Interval())
+    return type_coerce(literal(moment, UTCDateTime()) + Job.retention_s * second, UTCDateTime())
+
+
 def succeed(
     session: Session,
     job_id: str,
@@ -271,9 +292,12 @@ def succeed(
     output_bytes: int,
     output_sha256: str,
     stage_timings: dict[str, float] | None = None,
+    result: dict[str, Any] | None = None,
 ) -> bool:
     """running -> succeeded, recording the output in the same statement. A cancel requested
-    while the video was being stored wins: the guard refuses to record it."""
+    while the video was being stored wins: the guard refuses to record it. ``expires_at``
+    (when the sweeper deletes its objects) is set from the row's ``retention_s``."""
+    finished = utcnow()
     return _guarded(
         session,
         job_id,
@@ -286,7 +310,9 @@ def succeed(
             output_bytes=output_bytes,
             output_sha256=output_sha256,
             stage_timings=stage_timings,
-            finished_at=utcnow(),
+            result=result,  # the worker's JobResult.to_json()
+            finished_at=finished,
+            expires_at=expiry_after(session, finished),
         ),
         attempt,
     )
@@ -376,6 +402,8 @@ def retry_later(session: Session, job_id: str, attempt: int, code: str, message:
     _events(session, [_event(job_id, now, RUNNING, row.status, attempt, detail)])
     if row.status == QUEUED:
         count_queued(session, Counter({row.tenant: 1}))
+    else:
+        outbox.job_finished(session, [(job_id, row.tenant)])
     return True
 
 
@@ -402,6 +430,7 @@ def requeue_stale(session: Session, timeout_s: float, now: datetime | None = Non
     ).all()
     _events(session, (_event(r.id, now, RUNNING, r.status, r.attempt, "worker_lost") for r in rows))
     count_queued(session, Counter(r.tenant for r in rows if r.status == QUEUED))
+    outbox.job_finished(session, ((r.id, r.tenant) for r in rows if r.status != QUEUED))
     return sorted(r.id for r in rows if r.status == QUEUED)
 
 
@@ -443,6 +472,7 @@ def _cancel(session: Session, where: ColumnElement[bool]) -> list[Any]:
     ended = [r for r in rows if r.status == CANCELLED]
     _events(session, (_event(r.id, now, QUEUED, CANCELLED, r.attempt) for r in ended))
     count_queued(session, Counter({t: -n for t, n in Counter(r.tenant for r in ended).items()}))
+    outbox.job_finished(session, ((r.id, r.tenant) for r in ended))
     return rows
 
 
@@ -482,6 +512,7 @@ def cancel_if_requested(session: Session, job_id: str) -> bool:
         return False
     _events(session, [_event(job_id, now, QUEUED, CANCELLED, row.attempt)])
     count_queued(session, Counter({row.tenant: -1}))
+    outbox.job_finished(session, [(job_id, row.tenant)])
     return True
 
 
@@ -539,6 +570,25 @@ def unrelease(session: Session, job_ids: Sequence[str], why: str) -> list[str]:
     return [r.id for r in rows]
 
 
+#: The detail of the event that records the sweeper's deletion (succeeded -> succeeded).
+EXPIRED = "expired"
+
+
+def mark_expired(session: Session, job_ids: Sequence[str], now: datetime) -> list[str]:
+    """The sweeper deleted these videos' objects: mark them expired (one statement, only
+    rows past their expiry and not marked yet, so concurrent sweepers mark each once)."""
+    if not job_ids:
+        return []
+    rows = session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.expired_at.is_(None), Job.expires_at <= now)
+        .values(expired_at=now, updated_at=now)
+        .returning(Job.id, Job.status, Job.attempt)
+    ).all()
+    _events(session, (_event(r.id, now, r.status, r.status, r.attempt, EXPIRED) for r in rows))
+    return sorted(r.id for r in rows)
+
+
 def recount_queued(session: Session) -> None:
     """Set every tenant's counter from the jobs table (after an upgrade, or by an operator
     who suspects drift): one GROUP BY, not for the request path."""
@@ -549,3 +599,46 @@ def recount_queued(session: Session) -> None:
     )
     session.execute(update(TenantCounter).values(queued=0))
     count_queued(session, Counter(counts))
+
+
+# -- retries asked for by the tenant ---------------------------------------------------------
+
+
+def retry_failed(
+    session: Session, batch_id: str, code: str | None, more_attempts: int
+) -> list[str]:
+    """failed -> queued for the batch's failed videos (only those that failed with ``code``
+    when given), each with ``more_attempts`` attempts beyond the ones it used: the same row,
+    so its item key and id stay; one statement. Returns their ids."""
+    now = utcnow()
+    where = [Job.batch_id == batch_id, _state(Job.status) == FAILED, Job.deleted_at.is_(None)]
+    if code is not None:
+        where.append(Job.error_code == code)
+    rows = session.execute(
+        update(Job)
+        .where(*where)
+        .values(
+            status=QUEUED,
+            max_attempts=Job.attempt + more_attempts,
+            error_code=None,
+            error_message=None,
+            progress=0,
+            started_at=None,
+            heartbeat_at=None,
+            finished_at=None,
+            dispatched_at=None,
+            worker_id=None,
+            updated_at=now,
+        )
+        .returning(Job.id, Job.attempt, Job.tenant)
+    ).all()
+    _events(session, (_event(r.id, now, FAILED, QUEUED, r.attempt, "retry") for r in rows))
+    count_queued(session, Counter(r.tenant for r in rows))
+    return sorted(r.id for r in rows)
+
+
+def count_failed(session: Session, batch_id: str, code: str | None) -> int:
+    where = [Job.batch_id == batch_id, Job.status == FAILED, Job.deleted_at.is_(None)]
+    if code is not None:
+        where.append(Job.error_code == code)
+    return session.execute(select(func.count()).select_from(Job).where(*where)).scalar_one()

@@ -31,6 +31,11 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("expired_at", sa.DateTime(timezone=True), nullable=True))
     op.create_index("ix_jobs_batch_status", "jobs", ["batch_id", "status"])
+    # A batch's items in a stable order (pages, the manifest) and its throughput lately;
+    # (batch_id, id) also serves every lookup the single-column index did.
+    op.drop_index("ix_jobs_batch_id", table_name="jobs")
+    op.create_index("ix_jobs_batch_item", "jobs", ["batch_id", "id"])
+    op.create_index("ix_jobs_batch_finished", "jobs", ["batch_id", "finished_at"])
     op.create_index(
         "ix_jobs_expiring",
         "jobs",
@@ -91,6 +96,9 @@ def downgrade() -> None:
     op.drop_table("webhooks")
     op.drop_index("ix_jobs_expiring", table_name="jobs")
     op.drop_index("ix_jobs_batch_status", table_name="jobs")
+    op.drop_index("ix_jobs_batch_finished", table_name="jobs")
+    op.drop_index("ix_jobs_batch_item", table_name="jobs")
+    op.create_index("ix_jobs_batch_id", "jobs", ["batch_id"])
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("expired_at")
         batch_op.drop_column("expires_at")

@@ -20,7 +20,7 @@ from fvb_core.storage import VideoStore
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import RequestMiddleware, install_error_handlers
 from scheduler.api.metrics import Metrics, MetricsMiddleware
-from scheduler.api.routes import batches, dashboard, health, models, videos
+from scheduler.api.routes import batches, dashboard, health, models, videos, webhooks
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMiddleware)  # last added is outermost: ids on every answer
     app.include_router(videos.router)
     app.include_router(batches.router)
+    app.include_router(webhooks.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import secrets
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fvb_core.api_keys import Principal
@@ -30,6 +33,52 @@ log = logging.getLogger(__name__)
 MAX_BATCH_REQUESTS = 1000
 MAX_METADATA_ITEMS = 16
 _UNFINISHED = tuple(UNFINISHED_STATUSES)
+
+
+#: The fields of a POST /v1/batches body.
+BATCH_FIELDS = ("metadata", "name", "requests", "retention_seconds")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+#: The longest retention a batch may ask for (ten years).
+MAX_RETENTION_S = 10 * 365 * 86400
+
+
+def check_name(value: Any) -> str | None:
+    """A batch name: 1..128 of letters, digits, ``._:-``, starting with a letter or digit."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ApiError.invalid(
+            "name",
+            "name must be 1..128 letters, digits or ._:- characters, starting with a letter "
+            "or digit",
+        )
+    return value
+
+
+def _retention(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RETENTION_S:
+        raise ApiError.invalid(
+            "retention_seconds",
+            f"retention_seconds must be a whole number of seconds, 1..{MAX_RETENTION_S}",
+        )
+    return value
+
+
+def _name_free(session: Session, tenant: str, name: str) -> None:
+    taken = session.execute(
+        select(Batch.id).where(Batch.tenant == tenant, Batch.name == name)
+    ).scalar_one_or_none()
+    if taken is not None:
+        session.commit()
+        raise ApiError(
+            409,
+            f"a batch named '{name}' exists already: '{taken}' (add videos to it with "
+            f"POST /v1/batches/{taken}/videos)",
+            param="name",
+            code="batch_name_taken",
+        )
 
 
 def new_batch_id() -> str:
@@ -84,29 +133,45 @@ def create(session: Session, context: ApiContext, principal: Principal, body: An
     tenant has no room for all of them. The scheduler releases them from there."""
     if not isinstance(body, dict):
         raise ApiError.invalid("body", "the body must be a JSON object")
-    unknown = sorted(set(body) - {"requests", "metadata"})
+    unknown = sorted(set(body) - set(BATCH_FIELDS))
     if unknown:
         raise ApiError.invalid(
-            unknown[0], f"Unknown parameter: '{unknown[0]}'. Accepted: metadata, requests"
+            unknown[0],
+            f"Unknown parameter: '{unknown[0]}'. Accepted: {', '.join(BATCH_FIELDS)}",
         )
     metadata = _metadata(body.get("metadata"))
+    name = check_name(body.get("name"))
+    retention_s = _retention(body.get("retention_seconds"))
     requests = _requests(context, body.get("requests"))
     batch_id = new_batch_id()
     requests = [dataclasses.replace(r, batch_id=batch_id) for r in requests]
+    if name is not None:
+        _name_free(session, principal.tenant, name)
     jobs.admit(session, context, principal, len(requests))
     session.commit()  # no transaction held while images upload
-    rows = [jobs.new_job(context, principal.tenant, request) for request in requests]
+    rows = [
+        jobs.new_job(context, principal.tenant, request, retention_s=retention_s)
+        for request in requests
+    ]
     now = utcnow()
     batch = Batch(
         id=batch_id,
         tenant=principal.tenant,
+        name=name,
+        retention_s=retention_s,
         status=BatchStatus.OPEN,
         params={"metadata": metadata} if metadata else None,
         created_at=now,
         updated_at=now,
     )
     session.add(batch)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # the same name, created a moment ago
+        session.rollback()
+        _drop_images(context, rows)
+        _name_free(session, principal.tenant, name or "")
+        raise
     transitions.create_jobs(session, rows)
     session.commit()
     log.info("batch %s created with %d videos", batch_id, len(rows))
@@ -124,12 +189,16 @@ def get(session: Session, tenant: str, batch_id: str) -> Batch:
 
 
 def list_page(
-    session: Session, tenant: str, after: str | None, limit: int
+    session: Session, tenant: str, after: str | None, limit: int, name: str | None = None
 ) -> tuple[list[Batch], bool]:
-    """The tenant's batches, newest first, after the cursor batch; and whether more follow."""
+    """The tenant's batches, newest first, after the cursor batch; and whether more follow.
+    ``name``: only the batch of that name (a list of one or none)."""
+    query = select(Batch).where(Batch.tenant == tenant)
+    if name is not None:
+        query = query.where(Batch.name == check_name(name))
     rows, more = keyset_page(
         session,
-        select(Batch).where(Batch.tenant == tenant),
+        query,
         Batch,
         tenant=tenant,
         after=after,
@@ -227,7 +296,7 @@ def append(
         raise ApiError.invalid(
             "requests", f"requests must be a list of 1..{MAX_BATCH_REQUESTS} video create bodies"
         )
-    jobs.check_batch_open(session, principal.tenant, batch_id)
+    retention_s = jobs.check_batch_open(session, principal.tenant, batch_id)
     outcome = Appended()
     valid: list[tuple[int, str | None, Any]] = []
     for index, fields in enumerate(items):
@@ -242,7 +311,8 @@ def append(
         raise ApiError.invalid("requests", "two items of one request share an item_key")
     session.commit()  # no transaction held while images upload
     rows = [
-        (index, key, r, jobs.new_job(context, principal.tenant, r, key)) for index, key, r in valid
+        (index, key, r, jobs.new_job(context, principal.tenant, r, key, retention_s))
+        for index, key, r in valid
     ]
     # Insert first, then admit what was new (the unique index tells new from known, whatever
     # the table's size); a chunk that does not fit is rolled back whole.
@@ -293,3 +363,57 @@ def append(
         len(outcome.errors),
     )
     return outcome
+
+
+#: The window ``fvb bulk status`` measures a batch's throughput over.
+RATE_WINDOW_S = 600
+
+
+def progress(session: Session, batch_id: str, counts: dict[str, int]) -> dict[str, Any]:
+    """Videos of the batch finished over the last ``RATE_WINDOW_S`` (one range over the
+    batch's ``finished_at`` index), the rate per second, and the ETA of the rest at it."""
+    since = utcnow() - timedelta(seconds=RATE_WINDOW_S)
+    finished = session.execute(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.batch_id == batch_id, Job.finished_at >= since, Job.deleted_at.is_(None))
+    ).scalar_one()
+    session.commit()
+    rate = finished / RATE_WINDOW_S
+    unfinished = counts["queued"] + counts["in_progress"]
+    return {
+        "window_seconds": RATE_WINDOW_S,
+        "finished_in_window": finished,
+        "videos_per_second": round(rate, 4),
+        "eta_seconds": round(unfinished / rate) if rate and unfinished else None,
+    }
+
+
+def items_page(
+    session: Session, tenant: str, batch_id: str, after: str | None, limit: int
+) -> tuple[list[Job], bool]:
+    """The batch's videos in id order after ``after`` (the batch's ``(batch_id, id)`` index
+    walks straight to the page), and whether more follow."""
+    get(session, tenant, batch_id)
+    query = select(Job).where(Job.batch_id == batch_id, Job.deleted_at.is_(None))
+    if after:
+        query = query.where(Job.id > after)
+    rows = list(session.execute(query.order_by(Job.id).limit(limit + 1)).scalars())
+    session.commit()
+    return rows[:limit], len(rows) > limit
+
+
+def retry_failed(
+    session: Session, context: ApiContext, principal: Principal, batch_id: str, code: str | None
+) -> list[str]:
+    """Queue the batch's failed videos again (those that failed with ``code`` when given):
+    new attempts of the same videos, so item keys, ids and the manifest's rows stay. All of
+    them or none: they are admitted like new videos (429 when the tenant has no room)."""
+    if code is not None and (not isinstance(code, str) or not 1 <= len(code) <= 64):
+        raise ApiError.invalid("code", "code must be an error code of 1..64 characters")
+    jobs.check_batch_open(session, principal.tenant, batch_id)
+    jobs.admit(session, context, principal, transitions.count_failed(session, batch_id, code))
+    retried = transitions.retry_failed(session, batch_id, code, context.settings.job_max_attempts)
+    session.commit()
+    log.info("batch %s: %d failed videos queued again", batch_id, len(retried))
+    return retried

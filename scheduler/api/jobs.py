@@ -63,12 +63,14 @@ def _replay(job: Job, request_hash: str) -> Submitted:
     return Submitted(job, created=False)
 
 
-def check_batch_open(session: Session, tenant: str, batch_id: str) -> None:
-    status = session.execute(
-        select(Batch.status).where(Batch.id == batch_id, Batch.tenant == tenant)
-    ).scalar_one_or_none()
-    if status is None:
+def check_batch_open(session: Session, tenant: str, batch_id: str) -> int | None:
+    """404 / 409 unless the tenant's batch takes videos; its retention (seconds or None)."""
+    row = session.execute(
+        select(Batch.status, Batch.retention_s).where(Batch.id == batch_id, Batch.tenant == tenant)
+    ).one_or_none()
+    if row is None:
         raise ApiError.not_found(f"No batch found with id '{batch_id}'", "batch_id")
+    status, retention_s = row
     if status == BatchStatus.CANCELLED:
         raise ApiError(
             409,
@@ -76,6 +78,7 @@ def check_batch_open(session: Session, tenant: str, batch_id: str) -> None:
             param="batch_id",
             code="batch_cancelled",
         )
+    return retention_s
 
 
 def drain_retry_after(session: Session, tenant: str, excess: int) -> int:
@@ -167,12 +170,13 @@ def submit(
         if existing is not None:
             session.commit()
             return _replay(existing, request_hash)
+    retention_s = None
     if request.batch_id is not None:
-        check_batch_open(session, tenant, request.batch_id)
+        retention_s = check_batch_open(session, tenant, request.batch_id)
     admit(session, context, principal, 1)
     session.commit()  # no transaction held while the image uploads
 
-    job = new_job(context, tenant, request, idempotency_key)
+    job = new_job(context, tenant, request, idempotency_key, retention_s)
     try:
         transitions.create_job(session, job)
         session.commit()

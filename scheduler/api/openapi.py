@@ -32,6 +32,7 @@ _WHY = {
     403: "Not allowed (an operator key is needed, or auth is off and the call is not local)",
     404: "No such object for this tenant",
     409: "Conflicts with the object's state (not ready, idempotency key reused, cancelled)",
+    410: "The video expired: its retention is over and its content was deleted",
     413: "Request body too large",
     415: "Content-Type is neither JSON nor a form",
     429: "Queue full or too many wrong keys; see Retry-After",

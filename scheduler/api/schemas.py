@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from fvb_core.db.models import Batch, Job
+from fvb_core.db.models import Batch, Job, utcnow
 from fvb_core.jobs import BatchStatus, JobParams, JobStatus
+from fvb_core.manifest import LINE_KEY
 from fvb_core.models_config import ServedModel
 
 ApiStatus = Literal["queued", "in_progress", "completed", "failed"]
@@ -38,6 +39,14 @@ JOB_STATUSES: dict[str, tuple[str, ...]] = {
 
 def unix(moment: datetime | None) -> int | None:
     return int(moment.timestamp()) if moment is not None else None
+
+
+def is_expired(job: Job, now: datetime | None = None) -> bool:
+    """Past its retention: the sweeper deleted its objects, or is about to (from
+    ``expires_at`` on, its content is not served even if the sweep has not run yet)."""
+    if job.expired_at is not None:
+        return True
+    return job.expires_at is not None and job.expires_at <= (now or utcnow())
 
 
 class VideoError(BaseModel):
@@ -76,6 +85,11 @@ class VideoObject(BaseModel):
     batch_id: str | None = None
     cancel_requested: bool = False
     output: VideoOutput | None = None
+    #: True once the video's retention is over (``expires_at`` passed): its content is gone
+    #: (``GET .../content`` answers 410). ``status`` stays "completed", as the SDK expects.
+    expired: bool = False
+    #: When the sweeper deleted its objects (None while stored, or not swept yet).
+    expired_at: int | None = None
 
     @classmethod
     def from_job(cls, job: Job, bucket: str) -> VideoObject:
@@ -104,7 +118,7 @@ class VideoObject(BaseModel):
             progress=max(0, min(100, int(job.progress or 0))),
             created_at=unix(job.created_at) or 0,
             completed_at=unix(job.finished_at) if final else None,
-            expires_at=None,
+            expires_at=unix(job.expires_at) if job.status == JobStatus.SUCCEEDED else None,
             prompt=params.prompt,
             size=params.size,
             seconds=params.shown_seconds,
@@ -119,6 +133,8 @@ class VideoObject(BaseModel):
             batch_id=job.batch_id,
             cancel_requested=bool(job.cancel_requested),
             output=output,
+            expired=job.status == JobStatus.SUCCEEDED and is_expired(job),
+            expired_at=unix(job.expired_at),
         )
 
 
@@ -197,6 +213,13 @@ class BatchCounts(BaseModel):
     cancelled: int
 
 
+class BatchProgress(BaseModel):
+    window_seconds: int
+    finished_in_window: int
+    videos_per_second: float
+    eta_seconds: int | None
+
+
 class BatchObject(BaseModel):
     """A batch: ``in_progress`` while any video is unfinished (or none was added yet),
     ``completed`` once every video finished, ``cancelling`` / ``cancelled`` after a cancel."""
@@ -207,9 +230,17 @@ class BatchObject(BaseModel):
     created_at: int
     metadata: dict[str, str] | None = None
     request_counts: BatchCounts
+    #: The tenant's name for the batch (``fvb bulk submit --name``), unique per tenant.
+    name: str | None = None
+    #: Seconds its videos' objects are kept after they finish (None: the deployment's).
+    retention_seconds: int | None = None
+    #: Throughput lately and the ETA (``GET /v1/batches/{id}`` only).
+    progress: BatchProgress | None = None
 
     @classmethod
-    def from_batch(cls, batch: Batch, counts: dict[str, int]) -> BatchObject:
+    def from_batch(
+        cls, batch: Batch, counts: dict[str, int], progress: dict[str, Any] | None = None
+    ) -> BatchObject:
         unfinished = counts["queued"] + counts["in_progress"]
         if batch.status == BatchStatus.CANCELLED:
             status = "cancelling" if unfinished else "cancelled"
@@ -221,6 +252,9 @@ class BatchObject(BaseModel):
             created_at=unix(batch.created_at) or 0,
             metadata=(batch.params or {}).get("metadata"),
             request_counts=BatchCounts(**counts),
+            name=batch.name,
+            retention_seconds=batch.retention_s,
+            progress=BatchProgress(**progress) if progress else None,
         )
 
 
@@ -251,3 +285,67 @@ class BatchVideosAdded(BaseModel):
     batch_id: str
     data: list[BatchItem]
     errors: list[BatchItemError]
+
+
+class BatchUploadLineError(BaseModel):
+    line: int
+    error: dict[str, Any]
+
+
+class BatchUpload(BaseModel):
+    """What a JSONL upload to ``POST /v1/batches`` (or ``/v1/batches/{id}/videos``) did."""
+
+    lines: int
+    created: int
+    existing: int
+    #: How many lines were refused; the first ``MAX_REPORTED_ERRORS`` are in ``errors``.
+    error_count: int
+    errors: list[BatchUploadLineError]
+
+
+class BatchUploaded(BatchObject):
+    upload: BatchUpload
+
+
+class BatchItemRow(BaseModel):
+    """One video of a batch with its item key (``GET /v1/batches/{id}/items``)."""
+
+    id: str
+    object: Literal["batch.item"] = "batch.item"
+    item_key: str | None
+    status: ApiStatus
+    line: int | None
+    seed: int | None
+    error: VideoError | None
+
+    @classmethod
+    def from_job(cls, job: Job) -> BatchItemRow:
+        params = JobParams.from_json(job.params)
+        line = params.metadata.get(LINE_KEY, "")
+        error = None
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            error = VideoError(
+                code=job.error_code or "failed", message=job.error_message or "failed"
+            )
+        return cls(
+            id=job.id,
+            item_key=job.idempotency_key,
+            status=API_STATUS[job.status],
+            line=int(line) if line.isdigit() else None,
+            seed=params.seed,
+            error=error,
+        )
+
+
+class BatchItemList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchItemRow]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class BatchRetried(BatchObject):
+    """``POST /v1/batches/{id}/retry_failed``: the batch, and the videos queued again."""
+
+    retried: list[str]

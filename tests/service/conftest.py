@@ -29,6 +29,7 @@ from .api_fixtures import (  # noqa: F401 (fixtures of the API tests, per module
     server_url,
     settings,
 )
+from .worker_inprocess import in_process  # noqa: F401 (the in-process worker's fixture)
 
 S3_ACCESS_KEY = "localstack-test"
 S3_SECRET_KEY = "localstack-test-secret"

@@ -14,6 +14,22 @@ def _positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_embeds(batch: ForwardBatch) -> None:
+    """Precomputed text embeddings: (B, sequence, dim) tensors, the negative's shaped alike."""
+    embeds, negative = batch.prompt_embeds, batch.negative_prompt_embeds
+    for name, value in (("prompt_embeds", embeds), ("negative_prompt_embeds", negative)):
+        if value is not None and (not isinstance(value, torch.Tensor) or value.ndim != 3):
+            raise ValueError(
+                f"{name} must be a (batch, sequence, dim) torch.Tensor, got "
+                f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+            )
+    if embeds is not None and negative is not None and negative.shape != embeds.shape:
+        raise ValueError(
+            f"negative_prompt_embeds must have prompt_embeds' shape {tuple(embeds.shape)}, got "
+            f"{tuple(negative.shape)}"
+        )
+
+
 class InputValidationStage(PipelineStage):
     """Checks the request and seeds the random generator (from ``seed``, drawn when None),
     unless the request brings its own ``generator`` or initial ``latents``.
@@ -36,9 +52,13 @@ class InputValidationStage(PipelineStage):
 
     def validate(self, batch: ForwardBatch) -> None:
         prompts = batch.prompt if isinstance(batch.prompt, list) else [batch.prompt]
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        if batch.prompt_embeds is not None or batch.negative_prompt_embeds is not None:
+            _check_embeds(batch)
+        if batch.prompt_embeds is None and (
+            not prompts or not all(isinstance(p, str) and p.strip() for p in prompts)
+        ):
             raise ValueError("prompt must be a non-empty string (or a list of them)")
-        if batch.negative_prompt is not None:
+        if batch.negative_prompt is not None and batch.prompt is not None:
             negatives = (
                 batch.negative_prompt
                 if isinstance(batch.negative_prompt, list)

@@ -27,7 +27,15 @@ def clean_prompt(text: str) -> str:
 
 
 class TextEncodingStage(PipelineStage):
-    """Tokenise to a fixed length and keep the encoder's last hidden state."""
+    """Tokenise to a fixed length and keep the encoder's last hidden state.
+
+    Embeddings the request brings (``batch.prompt_embeds``, ``batch.negative_prompt_embeds``,
+    as diffusers' ``prompt_embeds=``/``negative_prompt_embeds=``) are used as they are, moved
+    to the text encoder's device, and their text is not encoded: a caller that keeps the
+    embeddings of a prompt renders its other seeds without running the text encoder. Each
+    text is encoded on its own (the prompt and the negative prompt in separate passes), so
+    an embedding depends on its text alone.
+    """
 
     def __init__(self, text_encoder, tokenizer) -> None:
         super().__init__()
@@ -62,11 +70,22 @@ class TextEncodingStage(PipelineStage):
         return self.finish_embeddings(hidden, mask, max_length)
 
     def forward(self, batch: ForwardBatch, fastvideo_args: FastVideoArgs) -> ForwardBatch:
-        prompts = batch.prompt if isinstance(batch.prompt, list) else [batch.prompt]
-        batch.prompt_embeds = self.encode(prompts, batch)
-        if batch.do_classifier_free_guidance:
+        device = module_device(self.text_encoder)
+        if batch.prompt_embeds is not None:
+            batch.prompt_embeds = batch.prompt_embeds.to(device)
+            count = batch.prompt_embeds.shape[0]
+        else:
+            prompts = batch.prompt if isinstance(batch.prompt, list) else [batch.prompt]
+            batch.prompt_embeds = self.encode(prompts, batch)
+            count = len(prompts)
+        if not batch.do_classifier_free_guidance:
+            return batch
+        if batch.negative_prompt_embeds is not None:
+            batch.negative_prompt_embeds = batch.negative_prompt_embeds.to(device)
+        else:
+            # No negative prompt: the empty one, as diffusers' Wan pipelines encode it.
             negative = batch.negative_prompt or ""
-            negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
+            negatives = negative if isinstance(negative, list) else [negative] * count
             batch.negative_prompt_embeds = self.encode(negatives, batch)
         return batch
 

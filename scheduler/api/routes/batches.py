@@ -7,20 +7,26 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from scheduler.api import batches
+from scheduler.api import batches, manifest, upload
 from scheduler.api.auth import CurrentPrincipal, Tenant
 from scheduler.api.body import parse_json, read_limited
 from scheduler.api.context import ApiContext, get_context
-from scheduler.api.errors import error_body
+from scheduler.api.errors import ApiError, error_body
 from scheduler.api.openapi import VIDEO_FIELDS, errors
 from scheduler.api.pagination import LIMIT_RANGE, check_limit
 from scheduler.api.schemas import (
     BatchItem,
     BatchItemError,
+    BatchItemList,
+    BatchItemRow,
     BatchList,
     BatchObject,
+    BatchRetried,
+    BatchUpload,
+    BatchUploaded,
     BatchVideosAdded,
 )
 from scheduler.api.session import SessionDep
@@ -96,13 +102,22 @@ _APPEND_BODY = {
 }
 
 
+#: What ``_batch_body`` gives for a JSONL upload: the route reads the body as it streams.
+STREAMED = object()
+
+
 async def _batch_body(request: Request) -> Any:
-    """The JSON body (an empty one is ``{}``: a batch that videos join later)."""
+    """The JSON body (an empty one is ``{}``: a batch that videos join later), or STREAMED."""
+    if upload.is_jsonl(request):
+        return STREAMED
     raw = await read_limited(request, MAX_BATCH_BODY_BYTES)
     return parse_json(raw, request) if raw.strip() else {}
 
 
 Context = Annotated[ApiContext, Depends(get_context)]
+#: Items per page of ``GET /v1/batches/{id}/items``.
+MAX_ITEMS_PAGE = 1000
+ITEMS_LIMIT_RANGE = {"minimum": 1, "maximum": MAX_ITEMS_PAGE}
 
 
 def _object(session: Session, batch) -> BatchObject:
@@ -119,9 +134,38 @@ def create_batch(
     principal: CurrentPrincipal,
     session: SessionDep,
     context: Context,
+    request: Request,
     body: Annotated[Any, Depends(_batch_body)],
+    name: Annotated[str | None, Query(description="JSONL uploads: the batch's name")] = None,
+    retention_seconds: Annotated[
+        int | None, Query(description="JSONL uploads: the batch's retention")
+    ] = None,
 ) -> BatchObject:
-    return _object(session, batches.create(session, context, principal, body))
+    """A JSON body creates the batch and up to 1000 videos, all or none. A JSONL body
+    (``Content-Type: application/x-ndjson``, one video body per line, any number of lines)
+    creates the batch, then stores the lines as they stream in; refused lines are reported
+    by number in ``upload.errors`` and the rest are stored."""
+    if body is not STREAMED:
+        if name is not None or retention_seconds is not None:
+            raise ApiError.invalid(
+                "name" if name is not None else "retention_seconds",
+                "give name and retention_seconds in the JSON body (query parameters are for "
+                "JSONL uploads)",
+            )
+        return _object(session, batches.create(session, context, principal, body))
+    options = {"name": name, "retention_seconds": retention_seconds}
+    batch = batches.create(session, context, principal, {k: v for k, v in options.items() if v})
+    return _uploaded(session, context, principal, batch.id, request)
+
+
+def _uploaded(session, context, principal, batch_id: str, request: Request) -> BatchUploaded:
+    done = upload.upload(session, context, principal, batch_id, upload.lines(request))
+    batch = batches.get(session, principal.tenant, batch_id)
+    counts = batches.counts(session, batch_id)
+    return BatchUploaded(
+        **BatchObject.from_batch(batch, counts).model_dump(),
+        upload=BatchUpload(**done.to_json()),
+    )
 
 
 @router.get("/batches", response_model=BatchList, responses=errors(400))
@@ -130,9 +174,10 @@ def list_batches(
     session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(json_schema_extra=LIMIT_RANGE)] = 20,
+    name: Annotated[str | None, Query(description="only the batch of this name")] = None,
 ) -> BatchList:
     check_limit(limit)
-    rows, has_more = batches.list_page(session, tenant, after or None, limit)
+    rows, has_more = batches.list_page(session, tenant, after or None, limit, name)
     data = [_object(session, batch) for batch in rows]
     return BatchList(
         data=data,
@@ -144,7 +189,71 @@ def list_batches(
 
 @router.get("/batches/{batch_id}", response_model=BatchObject, responses=errors(404))
 def retrieve_batch(tenant: Tenant, session: SessionDep, batch_id: str) -> BatchObject:
-    return _object(session, batches.get(session, tenant, batch_id))
+    """The batch, its videos by state, and ``progress``: throughput lately and the ETA."""
+    batch = batches.get(session, tenant, batch_id)
+    counts = batches.counts(session, batch.id)
+    return BatchObject.from_batch(batch, counts, batches.progress(session, batch.id, counts))
+
+
+@router.get("/batches/{batch_id}/items", response_model=BatchItemList, responses=errors(400, 404))
+def list_items(
+    tenant: Tenant,
+    session: SessionDep,
+    batch_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query(json_schema_extra=ITEMS_LIMIT_RANGE)] = 100,
+) -> BatchItemList:
+    """The batch's videos with their item keys, in id order, a page at a time."""
+    if not 1 <= limit <= MAX_ITEMS_PAGE:
+        raise ApiError.invalid("limit", f"limit must be 1..{MAX_ITEMS_PAGE}")
+    rows, has_more = batches.items_page(session, tenant, batch_id, after or None, limit)
+    data = [BatchItemRow.from_job(job) for job in rows]
+    return BatchItemList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
+
+
+@router.get(
+    "/batches/{batch_id}/manifest",
+    responses={
+        **errors(404),
+        200: {"content": {"application/x-ndjson": {}}, "description": "one row per video"},
+    },
+)
+def batch_manifest(
+    tenant: Tenant, session: SessionDep, context: Context, batch_id: str
+) -> StreamingResponse:
+    """The manifest as JSON lines: one row per video (item key, line, prompt, seed, every
+    parameter, model and revision, status, error, storage URI, presigned URL, sha256,
+    bytes, frames, fps, size, queue wait, render and upload times, worker, GPU)."""
+    batches.get(session, tenant, batch_id)
+    return StreamingResponse(
+        manifest.jsonl(context.settings.database_url, batch_id, context.store),
+        media_type="application/x-ndjson",
+    )
+
+
+@router.post(
+    "/batches/{batch_id}/retry_failed",
+    response_model=BatchRetried,
+    responses=errors(400, 404, 409),
+)
+def retry_failed(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    context: Context,
+    batch_id: str,
+    code: Annotated[str | None, Query(description="only videos that failed with it")] = None,
+) -> BatchRetried:
+    """Queue the batch's failed videos again: new attempts of the same videos (same ids and
+    item keys), all or none (429 when the tenant's queue has no room for them)."""
+    retried = batches.retry_failed(session, context, principal, batch_id, code)
+    batch = batches.get(session, principal.tenant, batch_id)
+    counts = batches.counts(session, batch_id)
+    return BatchRetried(**BatchObject.from_batch(batch, counts).model_dump(), retried=retried)
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject, responses=errors(404))
@@ -162,11 +271,15 @@ def add_videos(
     principal: CurrentPrincipal,
     session: SessionDep,
     context: Context,
+    request: Request,
     batch_id: str,
     body: Annotated[Any, Depends(_batch_body)],
-) -> BatchVideosAdded:
+) -> BatchVideosAdded | BatchUploaded:
     """Add up to 1000 videos to the batch; each item may carry an ``item_key`` that makes
-    re-sending it harmless. Bad items come back in ``errors`` by index; the rest are stored."""
+    re-sending it harmless. Bad items come back in ``errors`` by index; the rest are stored.
+    A JSONL body (any number of lines) answers as a JSONL ``POST /v1/batches`` does."""
+    if body is STREAMED:
+        return _uploaded(session, context, principal, batch_id, request)
     outcome = batches.append(session, context, principal, batch_id, body)
     return BatchVideosAdded(
         batch_id=batch_id,

@@ -27,7 +27,13 @@ from scheduler.api.context import ApiContext, get_context
 from scheduler.api.errors import ApiError
 from scheduler.api.openapi import CREATE_VIDEO_BODY, errors
 from scheduler.api.pagination import LIMIT_RANGE, check_limit
-from scheduler.api.schemas import JOB_STATUSES, VideoDeleted, VideoList, VideoObject
+from scheduler.api.schemas import (
+    JOB_STATUSES,
+    VideoDeleted,
+    VideoList,
+    VideoObject,
+    is_expired,
+)
 from scheduler.api.session import SessionDep
 from scheduler.api.validation import read_create_body, validate_create
 
@@ -122,6 +128,20 @@ def retrieve_video(
     return _video(context, jobs.get(session, tenant, video_id), response)
 
 
+def _expired(job: Job) -> ApiError:
+    """410 for the content of a video past its retention, saying when and why."""
+    moment = job.expires_at or job.expired_at
+    when = moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else "an earlier time"
+    kept = f", {job.retention_s} s after it completed (its retention)" if job.retention_s else ""
+    gone = "was deleted" if job.expired_at is not None else "is no longer available"
+    return ApiError(
+        410,
+        f"Video '{job.id}' expired at {when}{kept}; its content {gone}",
+        param="video_id",
+        code="video_expired",
+    )
+
+
 class _Once:
     """A release that may be called from several places (body end, background task) once."""
 
@@ -145,7 +165,7 @@ class _Once:
             "content": {"video/mp4": {}, "image/webp": {}, "image/jpeg": {}},
         },
         307: {"description": "Redirect to a presigned URL (with redirect=true)"},
-        **errors(400, 404, 409),
+        **errors(400, 404, 409, 410),
     },
 )
 def download_video(
@@ -165,6 +185,8 @@ def download_video(
             param="video_id",
             code="video_not_ready" if state in ("queued", "in_progress") else "video_failed",
         )
+    if is_expired(job):  # every variant, streamed or presigned
+        raise _expired(job)
     key_of, media_type, extension = VARIANTS[variant]
     key = key_of(job)
     if redirect:
