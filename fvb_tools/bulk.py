@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -514,16 +515,19 @@ def export(
     writer = None
     partial = out.with_name(out.name + ".part")
     pool = ThreadPoolExecutor(max_workers=max(1, workers)) if download_dir else None
+    tally = threading.Lock()
 
     def fetch(row: dict[str, Any]) -> None:
         if row.get("url") and row.get("sha256"):
             try:
                 path, size = _download(row, download_dir, client.timeout_s)
                 row["local_path"] = str(path)
-                done.downloaded += 1
-                done.bytes += size
+                with tally:  # the download threads share the totals
+                    done.downloaded += 1
+                    done.bytes += size
             except (OSError, ValueError) as err:
-                done.failed.append((row["video_id"], str(err)))
+                with tally:
+                    done.failed.append((row["video_id"], str(err)))
         if download_progress is not None:
             download_progress(1)
 

@@ -39,6 +39,16 @@ def _line(metadata: dict[str, str]) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+def _status(job: Job) -> str:
+    """The API's status name, except that the manifest tells cancelled and expired videos
+    apart from failed and completed ones (the video object cannot: OpenAI's states)."""
+    if job.expired_at is not None:
+        return "expired"
+    if job.status == JobStatus.CANCELLED:
+        return "cancelled"
+    return API_STATUS[job.status]
+
+
 def row(job: Job, store: VideoStore) -> dict[str, Any]:
     """The manifest row of one video."""
     params = JobParams.from_json(job.params)
@@ -63,7 +73,7 @@ def row(job: Job, store: VideoStore) -> dict[str, Any]:
         "params": json.dumps(generation, sort_keys=True),
         "model": job.model,
         "model_revision": result.model_revision,
-        "status": "expired" if job.expired_at is not None else API_STATUS[job.status],
+        "status": _status(job),
         "error_code": job.error_code if failed else None,
         "error_message": job.error_message if failed else None,
         "attempts": job.attempt,
