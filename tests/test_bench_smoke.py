@@ -251,3 +251,11 @@ def test_control_plane_smoke_releases_every_job_once_within_the_bound(tmp_path):
     assert release["released"] == release["release_events"] == release["taken"] == 300
     assert 0 < release["queue_peak"] <= release["bound"] == 8
     assert set(results["with_backlog"]) == {"reaper_pass_s", "choose_64_s", "chosen"}
+
+
+def test_bulk_dataset_smoke_submits_resumes_and_exports_every_item(tmp_path):
+    stdout, results = _run("bulk_dataset", "--smoke", tmp_path=tmp_path)
+    assert results["items"] == 200 and results["submit"]["items_per_s"] > 0
+    assert results["export"]["parquet_mib"] > 0 and results["export"]["jsonl_mib"] > 0
+    assert results["get_batch"]["median_ms"] > 0 and results["items_page"]["bytes"] > 0
+    assert "| sqlite | 200 |" in stdout

@@ -5,9 +5,10 @@ and a SIGKILL that must take every child with it)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import create_engine, inspect
 
@@ -227,6 +229,15 @@ def fvb_up(cwd: Path, *args: str, env: dict | None = None, **popen) -> Iterator[
                 child.kill()
 
 
+def readme_bulk_lines() -> list[str]:
+    """The ``fvb bulk`` commands of the README's bulk example, comments cut."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("Bulk datasets:") :].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #", 1)[0].strip() for line in block.splitlines()]
+    assert len(lines) == 3 and all(line.startswith("fvb bulk ") for line in lines), lines
+    return lines
+
+
 def _get(url: str, key: str) -> bytes:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -255,33 +266,31 @@ def test_readme_commands_work_right_after_fvb_up_and_ctrl_c_stops_it_from_a_back
             )
             assert b"tiny-wan-t2v" in _get(f"{api}/models", key)
 
-            prompts = tmp_path / "prompts.jsonl"
-            bodies = [{"prompt": p, "num_inference_steps": 2, "size": "64x64"} for p in ("a", "b")]
-            prompts.write_text("".join(json.dumps(b) + "\n" for b in bodies))
-            # The README line, with DEV_KEY unset in this shell: the data dir supplies it.
+            # The README's bulk lines as written (comments cut), with DEV_KEY unset in this
+            # shell: the data dir supplies it.
+            shutil.copytree(REPO / "examples", tmp_path / "examples")
             env = {"FVB_API_KEY": "", "FVB_API_PORT": str(port)}
-            first = fvb(
-                "submit",
-                "prompts.jsonl",
-                "--model",
-                "tiny-wan-t2v",
-                "--wait",
-                "--download",
-                "out/",
-                "--no-progress",
-                cwd=tmp_path,
-                env=env,
-                timeout=240,
+            for line in readme_bulk_lines():
+                done = fvb(*shlex.split(line)[1:], cwd=tmp_path, env=env, timeout=300)
+                assert done.returncode == 0, (line, done.stdout, done.stderr)
+                if " submit " in line:
+                    assert "6 videos submitted (6 new, 0 already there)" in done.stdout
+            manifest = pq.read_table(tmp_path / "manifest.parquet").to_pylist()
+            assert len(manifest) == 6 and {r["status"] for r in manifest} == {"completed"}
+            assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == sorted(
+                Path(r["local_path"]).name for r in manifest
             )
-            assert first.returncode == 0, first.stdout + first.stderr
-            assert "2 videos submitted (2 new, 0 already there)" in first.stdout
-            assert len(list((tmp_path / "out").glob("*.mp4"))) == 2
-            batch = re.search(r"--batch-id (batch_\w+)", first.stdout).group(1)
+            # `fvb submit`, the old name, resumes the same batch by its id.
+            batch = manifest[0]["batch_id"]
             again = fvb(
                 "submit",
-                "prompts.jsonl",
+                "examples/prompts.jsonl",
                 "--model",
                 "tiny-wan-t2v",
+                "--seeds",
+                "0-1",
+                "--set",
+                "num_inference_steps=4",
                 "--batch-id",
                 batch,
                 "--no-progress",
@@ -289,7 +298,7 @@ def test_readme_commands_work_right_after_fvb_up_and_ctrl_c_stops_it_from_a_back
                 env={"FVB_API_KEY": key},
             )
             assert again.returncode == 0, again.stderr
-            assert "2 videos submitted (0 new, 2 already there)" in again.stdout
+            assert "6 videos submitted (0 new, 6 already there)" in again.stdout
 
             # A second `fvb up` on the same data dir: one line naming the owner.
             second = fvb("up", "--device", "cpu", cwd=tmp_path)
