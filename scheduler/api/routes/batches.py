@@ -126,7 +126,9 @@ def _object(session: Session, batch) -> BatchObject:
 
 @router.post(
     "/batches",
-    response_model=BatchObject,
+    # BatchUploaded first: a response_model of BatchObject alone drops a JSONL upload's
+    # ``upload`` (FastAPI serializes by the declared model, not the returned subclass).
+    response_model=BatchUploaded | BatchObject,
     openapi_extra=_BATCH_BODY,
     responses=errors(400, 404, 409, 413),
 )
@@ -140,7 +142,7 @@ def create_batch(
     retention_seconds: Annotated[
         int | None, Query(description="JSONL uploads: the batch's retention")
     ] = None,
-) -> BatchObject:
+) -> BatchUploaded | BatchObject:
     """A JSON body creates the batch and up to 1000 videos, all or none. A JSONL body
     (``Content-Type: application/x-ndjson``, one video body per line, any number of lines)
     creates the batch, then stores the lines as they stream in; refused lines are reported
@@ -154,7 +156,9 @@ def create_batch(
             )
         return _object(session, batches.create(session, context, principal, body))
     options = {"name": name, "retention_seconds": retention_seconds}
-    batch = batches.create(session, context, principal, {k: v for k, v in options.items() if v})
+    # ``is not None``: retention_seconds=0 or name= are checked (400), not silently dropped.
+    given = {k: v for k, v in options.items() if v is not None}
+    batch = batches.create(session, context, principal, given)
     return _uploaded(session, context, principal, batch.id, request)
 
 
@@ -263,7 +267,7 @@ def cancel_batch(tenant: Tenant, session: SessionDep, batch_id: str) -> BatchObj
 
 @router.post(
     "/batches/{batch_id}/videos",
-    response_model=BatchVideosAdded,
+    response_model=BatchVideosAdded | BatchUploaded,
     openapi_extra=_APPEND_BODY,
     responses=errors(400, 404, 409, 413),
 )
