@@ -232,8 +232,8 @@ def _record(
     wait_until: datetime | None = None,
 ) -> str:
     """Write one event's outcome; ``outcome`` None: not tried (an earlier event to the same
-    webhook failed this pass), it waits until ``wait_until``. Returns delivered, failed or
-    given_up."""
+    webhook failed this pass). A failed or untried event waits until ``wait_until`` (the
+    webhook's next try, one time for all its events). Returns delivered, failed or given_up."""
     values: dict[str, Any]
     if outcome is not None and outcome.ok:
         values = dict(delivered_at=now, attempts=event.attempts + 1, last_error=None)
@@ -246,7 +246,8 @@ def _record(
             values = dict(
                 attempts=attempts,
                 last_error=(outcome.error or "failed")[:2000],
-                next_attempt_at=now + timedelta(seconds=backoff_s(settings, attempts)),
+                next_attempt_at=wait_until
+                or now + timedelta(seconds=backoff_s(settings, attempts)),
             )
         kind = "failed"
         if (now - event.created_at).total_seconds() >= settings.webhook_max_age_s:
@@ -272,11 +273,12 @@ def _serve_webhook(
             done.append((event.id, _record(settings, event, None, now, retry_at)))
             continue
         outcome = send(settings, event.url, event.secret, event.id, body_of(event.payload))
-        kind = _record(settings, event, outcome, now)
-        done.append((event.id, kind))
         if not outcome.ok:
             log.info("webhook event %s to %s failed: %s", event.id, event.url, outcome.error)
+            # One jittered time for the failed event and those waiting with it: apart, a
+            # waiting one could come due first and cost the down receiver another attempt.
             retry_at = now + timedelta(seconds=backoff_s(settings, event.attempts + 1))
+        done.append((event.id, _record(settings, event, outcome, now, retry_at)))
     return done
 
 
