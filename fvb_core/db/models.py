@@ -30,6 +30,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+#: The predicate of the partial indexes over a batch's videos that the API shows.
+LIVE = "deleted_at IS NULL"
+
+
 class UTCDateTime(TypeDecorator):
     """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone: we put it back)."""
 
@@ -96,11 +100,25 @@ class Job(Base):
             postgresql_where=text("status = 'queued' AND dispatched_at IS NOT NULL"),
         ),
         Index("ix_jobs_tenant_finished", "tenant", "finished_at"),
-        # A batch's counts and "is anything of it unfinished" without visiting its rows.
-        Index("ix_jobs_batch_status", "batch_id", "status"),
+        # A batch's counts and "is anything of it unfinished" without visiting its rows
+        # (partial: every such question leaves deleted videos out, and so an index-only
+        # scan answers it; deleted videos are always finished ones).
+        Index(
+            "ix_jobs_batch_status",
+            "batch_id",
+            "status",
+            sqlite_where=text(LIVE),
+            postgresql_where=text(LIVE),
+        ),
         # Its items in a stable order (pages, the manifest), and its throughput lately.
         Index("ix_jobs_batch_item", "batch_id", "id"),
-        Index("ix_jobs_batch_finished", "batch_id", "finished_at"),
+        Index(
+            "ix_jobs_batch_finished",
+            "batch_id",
+            "finished_at",
+            sqlite_where=text(LIVE),
+            postgresql_where=text(LIVE),
+        ),
         # The retention sweeper's question: which stored videos are past their expiry.
         Index(
             "ix_jobs_expiring",

@@ -117,7 +117,11 @@ def batch_data(session: Session, batch_id: str) -> dict[str, Any] | None:
     """The finished batch as the event shows it (the API's batch object), or None while any
     of its videos is unfinished."""
     unfinished = session.execute(
-        select(exists().where(Job.batch_id == batch_id, Job.status.in_(_UNFINISHED)))
+        select(
+            exists().where(
+                Job.batch_id == batch_id, Job.status.in_(_UNFINISHED), Job.deleted_at.is_(None)
+            )
+        )
     ).scalar()
     if unfinished:
         return None

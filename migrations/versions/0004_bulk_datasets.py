@@ -16,6 +16,7 @@ down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+LIVE = "deleted_at IS NULL"  # what the API counts: deleted videos left out
 EXPIRING = "expires_at IS NOT NULL AND expired_at IS NULL"
 PENDING = "delivered_at IS NULL AND given_up_at IS NULL"
 
@@ -30,12 +31,24 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("result", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("expired_at", sa.DateTime(timezone=True), nullable=True))
-    op.create_index("ix_jobs_batch_status", "jobs", ["batch_id", "status"])
+    op.create_index(
+        "ix_jobs_batch_status",
+        "jobs",
+        ["batch_id", "status"],
+        sqlite_where=sa.text(LIVE),
+        postgresql_where=sa.text(LIVE),
+    )
     # A batch's items in a stable order (pages, the manifest) and its throughput lately;
     # (batch_id, id) also serves every lookup the single-column index did.
     op.drop_index("ix_jobs_batch_id", table_name="jobs")
     op.create_index("ix_jobs_batch_item", "jobs", ["batch_id", "id"])
-    op.create_index("ix_jobs_batch_finished", "jobs", ["batch_id", "finished_at"])
+    op.create_index(
+        "ix_jobs_batch_finished",
+        "jobs",
+        ["batch_id", "finished_at"],
+        sqlite_where=sa.text(LIVE),
+        postgresql_where=sa.text(LIVE),
+    )
     op.create_index(
         "ix_jobs_expiring",
         "jobs",
