@@ -23,7 +23,6 @@ from fvb_core.db import transitions
 from fvb_core.db.migrate import upgrade
 from fvb_core.db.models import Job
 from fvb_core.db.session import session_scope
-from fvb_core.settings import Settings
 
 from .test_worker import (
     SLOW,
@@ -36,6 +35,7 @@ from .test_worker import (
     start_workers,
     stop_workers,
     wait_for,
+    worker_settings,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -62,16 +62,12 @@ def stack(
         f'[models."slow-cfg2"]\npath = "{slow_model}"\npool = "{pool}"\ngpus = 2\n'
         f'[models."slow-cfg2".pipeline_options]\ncfg_parallel = true\ndist_timeout_s = 60\n'
     )
-    settings = Settings(
-        database_url=f"sqlite:///{tmp / 'fvb.db'}",
-        broker_url=valkey_server.url,
-        s3_endpoint_url=s3_server.endpoint_url,
-        s3_access_key=s3_server.access_key,
-        s3_secret_key=s3_server.secret_key,
-        s3_bucket=f"fvb-{pool}",
-        models_config=config,
-        worker_pool=pool,
-        heartbeat_interval_s=0.2,
+    settings = worker_settings(
+        f"sqlite:///{tmp / 'fvb.db'}",
+        valkey_server,
+        s3_server,
+        pool,
+        config,
         progress_min_interval_s=0.0,  # every step's progress is written
         pipeline_cache_size=2,
     )

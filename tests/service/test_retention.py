@@ -39,7 +39,7 @@ from scheduler.process import run_pass, run_scheduler
 from scheduler.release import Releaser
 from scheduler.sweeper import SweepState, sweep
 
-from .test_worker import start_workers, stop_workers, wait_for
+from .test_worker import start_workers, stop_workers, wait_for, worker_settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,16 +57,12 @@ def settings(tmp_path_factory, valkey_server, s3_server, tiny_t2v) -> Iterator[S
         f'[models."tiny"]\npath = "{tiny_t2v}"\npool = "{pool}"\n'
         'default_size = "32x32"\ndefault_fps = 8\nmax_frames = 33\nmax_steps = 20\n'
     )
-    settings = Settings(
-        database_url=f"sqlite:///{tmp / 'fvb.db'}",
-        broker_url=valkey_server.url,
-        s3_endpoint_url=s3_server.endpoint_url,
-        s3_access_key=s3_server.access_key,
-        s3_secret_key=s3_server.secret_key,
-        s3_bucket=f"fvb-{pool}",
-        models_config=config,
-        worker_pool=pool,
-        heartbeat_interval_s=0.2,
+    settings = worker_settings(
+        f"sqlite:///{tmp / 'fvb.db'}",
+        valkey_server,
+        s3_server,
+        pool,
+        config,
         retention_s=RETENTION_S,
         orphan_max_age_s=MAX_AGE_S,
     )

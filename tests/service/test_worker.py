@@ -231,6 +231,22 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str = "", interval
         time.sleep(interval)
 
 
+def worker_settings(database_url: str, valkey, s3, pool: str, config: Path, **extra) -> Settings:
+    """Settings of test workers on their own pool and bucket of the shared servers."""
+    return Settings(
+        database_url=database_url,
+        broker_url=valkey.url,
+        s3_endpoint_url=s3.endpoint_url,
+        s3_access_key=s3.access_key,
+        s3_secret_key=s3.secret_key,
+        s3_bucket=f"fvb-{pool}",
+        models_config=config,
+        worker_pool=pool,
+        heartbeat_interval_s=0.2,
+        **extra,
+    )
+
+
 def make_stack(
     tmp: Path, database_url: str, valkey, s3, models: dict[str, str], workers: int
 ) -> Iterator[Stack]:
@@ -242,16 +258,12 @@ def make_stack(
             for name, path in models.items()
         )
     )
-    settings = Settings(
-        database_url=database_url,
-        broker_url=valkey.url,
-        s3_endpoint_url=s3.endpoint_url,
-        s3_access_key=s3.access_key,
-        s3_secret_key=s3.secret_key,
-        s3_bucket=f"fvb-{pool}",
-        models_config=config,
-        worker_pool=pool,
-        heartbeat_interval_s=0.2,
+    settings = worker_settings(
+        database_url,
+        valkey,
+        s3,
+        pool,
+        config,
         # Every step's progress is written, so the cancel test can tell which step it was.
         progress_min_interval_s=0.0,
         # Back-off 0.5, 1, 2, 2 s: the store may be down ~5.5 s before a job fails.
