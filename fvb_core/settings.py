@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -114,6 +115,9 @@ class Settings(BaseSettings):
     api_key: str | None = None
     #: ``fvb up``'s data dir: servers' data, logs, the dev key, ``stack.env``.
     data_dir: Path = Path(".fvb")
+    #: Log lines of the API, scheduler and workers: JSON lines (``fvb_core/logs.py``), or
+    #: "text" for a terminal.
+    log_format: Literal["json", "text"] = "json"
 
 
 @lru_cache(maxsize=1)

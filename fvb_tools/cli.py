@@ -143,12 +143,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging() -> None:
-    """Long-running commands log INFO lines to stderr (their log file under ``fvb up``)."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Long-running commands log INFO lines to stderr (their log file under ``fvb up``), as
+    JSON lines unless ``FVB_LOG_FORMAT=text``."""
+    from fvb_core import logs
+    from fvb_core.settings import get_settings
+
+    logs.configure(logging.INFO, get_settings().log_format, sys.stderr)
 
 
 def _up(ns: argparse.Namespace) -> int:

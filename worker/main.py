@@ -27,12 +27,10 @@ from fvb_core.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, fmt: str) -> None:
+    from fvb_core import logs
+
+    logs.configure(level, fmt, sys.stderr)
 
 
 def run_worker(
@@ -71,7 +69,7 @@ def run_worker(
         )
     # Weight-loading progress bars would land in the worker log as warnings, once per load.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    _configure_logging(loglevel)
+    _configure_logging(loglevel, settings.log_format)
 
     from worker.celery_app import create_app
 

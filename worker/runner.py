@@ -47,6 +47,7 @@ Outcomes (each a guarded transition named by the attempt, see ``fvb_core/db/tran
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import io
 import json
@@ -70,6 +71,7 @@ from sqlalchemy.orm import Session
 from fastvideo.executor import RankGroupError
 from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled
 from fastvideo.utils.video_io import frames_to_uint8, write_mp4
+from fvb_core import logs
 from fvb_core.db import transitions
 from fvb_core.db.session import session_scope
 from fvb_core.jobs import JobParams, JobResult
@@ -182,6 +184,11 @@ class JobRunner:
             return transitions.claim(session, job_id, self.worker_id)
 
     def run(self, job_id: str) -> str:
+        """:meth:`_run`, every line it logs (and the finishing thread's) carrying the job."""
+        with logs.bound(job_id=job_id, worker_id=self.worker_id):
+            return self._run(job_id)
+
+    def _run(self, job_id: str) -> str:
         """Claim and render ``job_id``; hand the frames to the finishing executor.
 
         Returns what happened, for the log: ``skipped`` (not claimable: finished, cancelled or
@@ -200,6 +207,7 @@ class JobRunner:
             if claim is None:
                 log.info("job %s: not claimable (finished, cancelled or owned), skipping", job_id)
                 return "skipped"
+            logs.bind(attempt=claim.attempt)  # undone with the job's context, in run()
             log.info("job %s: claimed attempt %d as %s", job_id, claim.attempt, self.worker_id)
             liveness = AttemptLiveness(self.settings, job_id, claim.attempt).start()
             try:
@@ -436,7 +444,8 @@ class JobRunner:
 
     def _hand_off(self, rendered: Rendered) -> None:
         # The slot taken before the claim goes with the job; _finished gives it back.
-        future = self._finishing.submit(self.finish, rendered)
+        # The finishing thread logs in the job's context (its id, attempt, worker).
+        future = self._finishing.submit(contextvars.copy_context().run, self.finish, rendered)
         with self._lock:
             self._in_flight.add(future)
         future.add_done_callback(self._finished)

@@ -28,6 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fvb_core import logs
+
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -195,6 +197,9 @@ class RequestMiddleware:
             return
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
+        # Every line logged while this request is served carries its id (fvb_core/logs.py);
+        # the context is this request's task's own, so nothing needs resetting after it.
+        logs.bind(request_id=request_id)
         started = False
 
         async def send_with_id(message: Message) -> None:
