@@ -516,18 +516,27 @@ def cancel_if_requested(session: Session, job_id: str) -> bool:
     return True
 
 
-def hide(session: Session, job_id: str, tenant: str) -> bool:
-    """Mark the tenant's job deleted (its objects are gone): it leaves every list."""
+#: The detail of the event that records a deletion (status -> same status).
+DELETED = "deleted"
+
+
+def hide(session: Session, job_id: str, tenant: str | None) -> bool:
+    """Mark the job deleted (its objects are gone): it leaves every list and count
+    (``tenant`` None: an operator's delete, any tenant's job)."""
     now = utcnow()
-    return (
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.tenant == tenant, Job.deleted_at.is_(None))
-            .values(deleted_at=now, updated_at=now)
-            .returning(Job.id)
-        ).scalar_one_or_none()
-        is not None
-    )
+    where = [Job.id == job_id, Job.deleted_at.is_(None)]
+    if tenant is not None:
+        where.append(Job.tenant == tenant)
+    row = session.execute(
+        update(Job)
+        .where(*where)
+        .values(deleted_at=now, updated_at=now)
+        .returning(Job.id, Job.status, Job.attempt)
+    ).one_or_none()
+    if row is None:
+        return False
+    _events(session, [_event(row.id, now, row.status, row.status, row.attempt, DELETED)])
+    return True
 
 
 # -- the scheduler's marks -------------------------------------------------------------------
@@ -604,22 +613,20 @@ def recount_queued(session: Session) -> None:
 # -- retries asked for by the tenant ---------------------------------------------------------
 
 
-def retry_failed(
-    session: Session, batch_id: str, code: str | None, more_attempts: int
-) -> list[str]:
-    """failed -> queued for the batch's failed videos (only those that failed with ``code``
-    when given), each with ``more_attempts`` attempts beyond the ones it used: the same row,
-    so its item key and id stay; one statement. Returns their ids."""
+def _requeue_finished(
+    session: Session, from_status: str, where: list[ColumnElement[bool]], more_attempts: int
+) -> list[Any]:
+    """``from_status`` (failed or cancelled) -> queued for the rows ``where`` matches, each
+    with ``more_attempts`` attempts beyond the ones it used: the same row, so its id and item
+    key stay; one statement, its events and the tenants' counters. (id, attempt, tenant)."""
     now = utcnow()
-    where = [Job.batch_id == batch_id, _state(Job.status) == FAILED, Job.deleted_at.is_(None)]
-    if code is not None:
-        where.append(Job.error_code == code)
     rows = session.execute(
         update(Job)
-        .where(*where)
+        .where(*where, _state(Job.status) == from_status, Job.deleted_at.is_(None))
         .values(
             status=QUEUED,
             max_attempts=Job.attempt + more_attempts,
+            cancel_requested=False,
             error_code=None,
             error_message=None,
             progress=0,
@@ -632,9 +639,28 @@ def retry_failed(
         )
         .returning(Job.id, Job.attempt, Job.tenant)
     ).all()
-    _events(session, (_event(r.id, now, FAILED, QUEUED, r.attempt, "retry") for r in rows))
+    _events(session, (_event(r.id, now, from_status, QUEUED, r.attempt, "retry") for r in rows))
     count_queued(session, Counter(r.tenant for r in rows))
-    return sorted(r.id for r in rows)
+    return rows
+
+
+def retry_failed(
+    session: Session, batch_id: str, code: str | None, more_attempts: int
+) -> list[str]:
+    """failed -> queued for the batch's failed videos (only those that failed with ``code``
+    when given), each with ``more_attempts`` more attempts. Returns their ids."""
+    where = [Job.batch_id == batch_id]
+    if code is not None:
+        where.append(Job.error_code == code)
+    return sorted(r.id for r in _requeue_finished(session, FAILED, where, more_attempts))
+
+
+def retry_job(session: Session, job_id: str, tenant: str | None, more_attempts: int) -> bool:
+    """A failed or cancelled job queued again as a new attempt of the same video (an
+    operator's or its tenant's retry; ``tenant`` None: any tenant's). False when the job is
+    not failed or cancelled (or not the tenant's)."""
+    where = [Job.id == job_id] + ([Job.tenant == tenant] if tenant is not None else [])
+    return any(_requeue_finished(session, s, where, more_attempts) for s in (FAILED, CANCELLED))
 
 
 def count_failed(session: Session, batch_id: str, code: str | None) -> int:
