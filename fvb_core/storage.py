@@ -341,10 +341,16 @@ class VideoStore:
         except (BotoCoreError, ClientError) as err:
             raise StorageUnavailable(f"storage list failed: {err}") from err
 
-    def open(self, key: str, chunk_size: int = 1 << 20) -> tuple[int | None, Iterator[bytes]]:
-        """(size in bytes, chunks) of a stored object; the GET is sent now, so a missing key
-        or a store that is down raises here, before any byte is promised to a client."""
-        response = self._call("get_object", self.client.get_object, Bucket=self.bucket, Key=key)
+    def open(
+        self, key: str, chunk_size: int = 1 << 20, byte_range: tuple[int, int] | None = None
+    ) -> tuple[int | None, Iterator[bytes]]:
+        """(size in bytes, chunks) of a stored object, or of its bytes ``byte_range`` (first
+        and last, inclusive, within the object); the GET is sent now, so a missing key or a
+        store that is down raises here, before any byte is promised to a client."""
+        ranged = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
+        response = self._call(
+            "get_object", self.client.get_object, Bucket=self.bucket, Key=key, **ranged
+        )
 
         def chunks() -> Iterator[bytes]:
             try:

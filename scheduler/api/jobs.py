@@ -228,11 +228,13 @@ def new_job(
     )
 
 
-def get(session: Session, tenant: str, job_id: str) -> Job:
-    """The tenant's job, or 404 (also for another tenant's job and for deleted ones)."""
-    job = session.execute(
-        select(Job).where(Job.id == job_id, Job.tenant == tenant, Job.deleted_at.is_(None))
-    ).scalar_one_or_none()
+def get(session: Session, tenant: str | None, job_id: str) -> Job:
+    """The tenant's job, or 404 (also for another tenant's job and for deleted ones).
+    ``tenant`` None: an operator's look, any tenant's job."""
+    where = [Job.id == job_id, Job.deleted_at.is_(None)]
+    if tenant is not None:
+        where.append(Job.tenant == tenant)
+    job = session.execute(select(Job).where(*where)).scalar_one_or_none()
     session.commit()
     if job is None:
         raise ApiError.not_found(f"No video found with id '{job_id}'", "video_id")
@@ -275,8 +277,9 @@ def list_page(
     return Page(jobs=jobs, has_more=has_more)
 
 
-def cancel(session: Session, tenant: str, job_id: str) -> Job:
-    """Queued: cancelled now. Running: flagged, the worker stops at its next step. Final: as is."""
+def cancel(session: Session, tenant: str | None, job_id: str) -> Job:
+    """Queued: cancelled now. Running: flagged, the worker stops at its next step. Final: as is.
+    ``tenant`` None: an operator's cancel, any tenant's job."""
     get(session, tenant, job_id)
     left_in = transitions.request_cancel(session, job_id)
     session.commit()
@@ -290,8 +293,9 @@ def _forget_objects(context: ApiContext, job_id: str) -> list[str]:
     return context.store.delete_job(job_id)
 
 
-def delete(session: Session, context: ApiContext, tenant: str, job_id: str) -> None:
-    """Cancel if unfinished, delete its stored objects, then hide the job (``deleted_at``)."""
+def delete(session: Session, context: ApiContext, tenant: str | None, job_id: str) -> None:
+    """Cancel if unfinished, delete its stored objects, then hide the job (``deleted_at``).
+    ``tenant`` None: an operator's delete, any tenant's job."""
     job = get(session, tenant, job_id)
     if not JobStatus(job.status).is_final:
         transitions.request_cancel(session, job_id)

@@ -9,9 +9,9 @@ built against closed loopback ports for both, as in the readiness tests of test_
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import json
 import re
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,15 +20,17 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, event, update
 
-from fvb_core.api_keys import create_api_key
+from fvb_core.api_keys import create_api_key, hash_key
 from fvb_core.db import transitions
 from fvb_core.db.migrate import upgrade
-from fvb_core.db.models import Batch, Job
+from fvb_core.db.models import ApiKey, Batch, Job
 from fvb_core.db.session import get_engine, session_scope
 from fvb_core.settings import Settings
 from fvb_tools.localstack.ports import free_port
 from fvb_tools.localstack.postgres import create_database
 from scheduler.api.app import create_app
+from scheduler.api.dashboard_links import parse_range
+from scheduler.api.errors import ApiError
 
 T2V, I2V = "tiny-t2v", "tiny-i2v"
 T2V_POOL, I2V_POOL = "dash-t2v", "dash-i2v"
@@ -235,25 +237,40 @@ def test_page_is_served_without_a_key_and_loads_nothing_from_elsewhere(client):
     assert response.headers["content-type"].startswith("text/html")
     page = response.text
     assert "<title>FastVideo Batch · dashboard</title>" in page
-    assert re.findall(r"https?://", page) == []
-    assert re.findall(r"<script[^>]*\ssrc=|<link[^>]*stylesheet|@import", page) == []
+    # Its script and style are the package's own, next to it; nothing from elsewhere.
+    assert re.findall(r'<script[^>]*\ssrc="([^"]*)"', page) == ["dashboard/assets/dashboard.js"]
+    assert re.findall(r'<link rel="stylesheet" href="([^"]*)"', page) == [
+        "dashboard/assets/dashboard.css"
+    ]
+    script = client.get("/dashboard/assets/dashboard.js")
+    style = client.get("/dashboard/assets/dashboard.css")
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert style.headers["content-type"].startswith("text/css")
+    assert script.headers["x-content-type-options"] == "nosniff"
+    for text in (page, script.text, style.text):  # (SVG's namespace is a name, not a load)
+        assert re.findall(r"https?://(?!www\.w3\.org/2000/svg\b)", text) == []
+        assert "@import" not in text and "innerHTML" not in text and "eval(" not in text
     # The key comes from the fragment, stays in this tab, and goes out as a Bearer header.
     for piece in ("location.hash", "sessionStorage", '"Bearer "', '"/data"'):
-        assert piece in page
+        assert piece in script.text
+    assert client.get("/dashboard/assets/nope.js").status_code == 404
 
 
-def test_page_content_security_policy_allows_exactly_its_inline_script_and_style(client):
-    response = client.get("/dashboard")
-    policy = response.headers["content-security-policy"]
-    script = re.search(r"<script>(.*?)</script>", response.text, re.DOTALL).group(1)
-    style = re.search(r"<style>(.*?)</style>", response.text, re.DOTALL).group(1)
-
-    def digest(text: str) -> str:
-        return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
-
-    assert f"script-src 'sha256-{digest(script)}';" in policy
-    assert f"style-src 'sha256-{digest(style)}';" in policy
-    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+def test_page_content_security_policy_allows_only_this_origin(client):
+    policy = client.get("/dashboard").headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives == {
+        "default-src": "'none'",
+        "script-src": "'self'",
+        "style-src": "'self'",
+        "connect-src": "'self'",
+        "media-src": "'self'",  # the <video> streams from /dashboard/media/...
+        "img-src": "'self' data:",
+        "base-uri": "'none'",
+        "form-action": "'none'",
+        "frame-ancestors": "'none'",
+    }
+    assert "inline" not in policy and "eval" not in policy
 
 
 # --- auth --------------------------------------------------------------------------------
@@ -574,3 +591,516 @@ def test_batches_show_newest_first_with_their_videos_by_state(client, keys, sett
         with session_scope(settings.database_url) as session:
             session.execute(delete(Job).where(Job.tenant == "hooli"))
             session.execute(delete(Batch))
+
+
+# --- the console's routes: /dashboard/jobs, one job, its actions, signed links -----------
+#
+# Their own tenants (wayne, stark) and an operator key, so the numbers above stay exact; the
+# fixture removes what it made.
+
+
+class Console:
+    def __init__(self, url: str, clock: Clock) -> None:
+        self.history = History(url, clock)
+        self.ids: dict[str, str] = {}
+        self.keys: dict[str, str] = {}
+
+    def make(self, name, tenant, created, prompt, model=T2V, batch_id=None) -> str:
+        with self.history._at(ago(created)) as session:
+            job = Job(
+                tenant=tenant,
+                model=model,
+                params={"prompt": prompt, "seed": 7, "num_frames": 9, "fps": 8},
+                max_attempts=3,
+                batch_id=batch_id,
+                created_at=ago(created),
+                updated_at=ago(created),
+            )
+            self.ids[name] = transitions.create_job(session, job).id
+        return self.ids[name]
+
+
+@pytest.fixture(scope="module")
+def console(settings):
+    clock = Clock()
+    url = settings.database_url
+    c = Console(url, clock)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("fvb_core.db.transitions.utcnow", clock)
+        patch.setattr("scheduler.api.dashboard_jobs.utcnow", lambda: NOW)
+        with session_scope(url) as session:
+            c.keys = {
+                "wayne": create_api_key(session, "wayne"),
+                "stark": create_api_key(session, "stark"),
+                "ops": create_api_key(session, "ops", operator=True),
+            }
+            session.add(Batch(id="batch_wayne", tenant="wayne", created_at=ago(990),
+                              updated_at=ago(990)))  # fmt: skip
+        h = c.history
+        # wayne: newest first w_q2, w_q1, w_cancelled, w_failed, w_run, w_ok (in its batch).
+        c.make("w_ok", "wayne", 900, "A Red Panda in the snow", batch_id="batch_wayne")
+        attempt = h.claim(c.ids["w_ok"], "w-1", ago(890))
+        with h._at(ago(850)) as session:
+            assert transitions.succeed(
+                session, c.ids["w_ok"], attempt, "videos/x/attempt-1.mp4", 1234, "ab" * 32,
+                stage_timings={"text_encode": 1.5, "denoise": 30.25, "decode": 4.0},
+                result={"frames": 9, "fps": 8, "width": 64, "height": 64},
+            )  # fmt: skip
+        c.make("w_run", "wayne", 800, "waves on a rocky shore", batch_id="batch_wayne")
+        h.claim(c.ids["w_run"], "w-2", ago(790))
+        c.make("w_failed", "wayne", 700, "a panda eating 100% bamboo", model=I2V)
+        h.fail(c.ids["w_failed"], h.claim(c.ids["w_failed"], "w-1", ago(690)), "oom", ago(680))
+        c.make("w_cancelled", "wayne", 600, "a lighthouse at dusk")
+        h.cancel(c.ids["w_cancelled"], ago(590))
+        c.make("w_q1", "wayne", 500, "pandas_v2 dataset shot")
+        c.make("w_q2", "wayne", 400, "city lights at night")
+        c.make("s_q", "stark", 450, "an iron suit, red and gold")
+        c.make("s_failed", "stark", 350, "a panda in armour")
+        h.fail(c.ids["s_failed"], h.claim(c.ids["s_failed"], "w-3", ago(340)), "oom", ago(330))
+        yield c
+    with session_scope(url) as session:
+        session.execute(delete(Job).where(Job.tenant.in_(("wayne", "stark"))))
+        session.execute(delete(Batch).where(Batch.id == "batch_wayne"))
+
+
+def as_(console, who) -> dict[str, str]:
+    return {"Authorization": f"Bearer {console.keys[who]}"}
+
+
+def listed(client, console, who="wayne", **query) -> dict:
+    response = client.get("/dashboard/jobs", params=query, headers=as_(console, who))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def names(console, body) -> list[str]:
+    by_id = {job_id: name for name, job_id in console.ids.items()}
+    return [by_id.get(row["id"], row["id"]) for row in body["data"]]
+
+
+WAYNE_NEWEST_FIRST = ["w_q2", "w_q1", "w_cancelled", "w_failed", "w_run", "w_ok"]
+
+
+def test_me_says_whose_key_it_is(client, console):
+    assert client.get("/dashboard/me", headers=as_(console, "wayne")).json() == {
+        "tenant": "wayne",
+        "operator": False,
+    }
+    assert client.get("/dashboard/me", headers=as_(console, "ops")).json() == {
+        "tenant": "ops",
+        "operator": True,
+    }
+    assert client.get("/dashboard/me").status_code == 401
+
+
+def test_jobs_list_is_the_tenants_own_newest_first(client, console):
+    body = listed(client, console)
+    assert names(console, body) == WAYNE_NEWEST_FIRST
+    assert (body["has_more"], body["next_cursor"], body["truncated_scan"]) == (False, None, False)
+    assert body["scope"] == "wayne"
+    row = body["data"][3]
+    assert row == {
+        "id": console.ids["w_failed"],
+        "tenant": "wayne",
+        "model": I2V,
+        "status": "failed",
+        "state": "failed",
+        "progress": 0,
+        "attempt": 1,
+        "max_attempts": 3,
+        "batch_id": None,
+        "prompt": "a panda eating 100% bamboo",
+        "created_at": int(ago(700).timestamp()),
+        "started_at": int(ago(690).timestamp()),
+        "finished_at": int(ago(680).timestamp()),
+        "duration_s": 10.0,
+        "error_code": "oom",
+        "cancel_requested": False,
+        "worker_id": "w-1",
+    }
+    running = body["data"][4]
+    assert (running["state"], running["duration_s"]) == ("running", 790.0)
+
+
+def test_jobs_cursor_pages_cover_the_list_once_in_order(client, console):
+    seen, cursor, pages = [], None, 0
+    while True:
+        body = listed(client, console, limit=4, **({"cursor": cursor} if cursor else {}))
+        seen += names(console, body)
+        pages += 1
+        if not body["has_more"]:
+            assert body["next_cursor"] is None
+            break
+        cursor = body["next_cursor"]
+    assert seen == WAYNE_NEWEST_FIRST and pages == 2
+    # A job created after the first page does not shift the second.
+    first = listed(client, console, limit=3)
+    console.make("w_late", "wayne", 10, "a late arrival")
+    try:
+        second = listed(client, console, limit=3, cursor=first["next_cursor"])
+        assert names(console, second) == ["w_failed", "w_run", "w_ok"]
+    finally:
+        with session_scope(console.history.url) as session:
+            session.execute(delete(Job).where(Job.id == console.ids.pop("w_late")))
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"state": "queued"}, ["w_q2", "w_q1"]),
+        ({"state": "failed,cancelled"}, ["w_cancelled", "w_failed"]),
+        ({"state": "succeeded"}, ["w_ok"]),
+        ({"model": I2V}, ["w_failed"]),
+        ({"batch_id": "batch_wayne"}, ["w_run", "w_ok"]),
+        ({"batch_id": "batch_wayne", "state": "running"}, ["w_run"]),
+        ({"created_after": int(ago(650).timestamp())}, ["w_q2", "w_q1", "w_cancelled"]),
+        ({"created_before": int(ago(650).timestamp())}, ["w_failed", "w_run", "w_ok"]),
+        ({"q": "PANDA"}, ["w_q1", "w_failed", "w_ok"]),  # case-insensitive substring
+        ({"q": "100%"}, ["w_failed"]),  # LIKE's wildcards are the text's own characters
+        ({"q": "s_v"}, ["w_q1"]),
+        ({"q": "panda", "state": "queued"}, ["w_q1"]),
+        ({"q": "nothing like it"}, []),
+    ],
+)
+def test_jobs_filters(client, console, query, expected):
+    assert names(console, listed(client, console, **query)) == expected
+
+
+def test_a_tenant_never_sees_another_tenants_jobs(client, console):
+    body = listed(client, console, who="stark")
+    assert names(console, body) == ["s_failed", "s_q"]
+    assert names(console, listed(client, console, who="stark", q="panda")) == ["s_failed"]
+    refused = client.get(
+        "/dashboard/jobs", params={"tenant": "wayne"}, headers=as_(console, "stark")
+    )
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "operator_key_required"
+    # Its own name as the filter is allowed (and changes nothing).
+    assert names(console, listed(client, console, who="stark", tenant="stark")) == [
+        "s_failed",
+        "s_q",
+    ]
+
+
+def test_an_operator_sees_every_tenant_and_may_pick_one(client, console):
+    body = listed(client, console, who="ops", q="panda")
+    assert body["scope"] is None
+    assert names(console, body) == ["s_failed", "w_q1", "w_failed", "w_ok"]
+    assert {row["tenant"] for row in body["data"]} == {"wayne", "stark"}
+    assert names(console, listed(client, console, who="ops", tenant="stark")) == ["s_failed", "s_q"]
+    assert names(console, listed(client, console, who="ops", tenant="wayne", state="failed")) == [
+        "w_failed"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ({"state": "in_progress"}, "state"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"q": "x" * 201}, "q"),
+        ({"created_after": 10**13}, "created_after"),
+    ],
+)
+def test_jobs_list_rejects_bad_parameters_naming_them(client, console, query, param):
+    response = client.get("/dashboard/jobs", params=query, headers=as_(console, "wayne"))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_search_looks_at_a_bounded_window_and_says_where_to_go_on(client, console, monkeypatch):
+    """Filters no index serves read at most SCAN_LIMIT rows of the index walk per request;
+    a page that stopped at that bound says so, and its cursor searches on from there."""
+    monkeypatch.setattr("scheduler.api.dashboard_jobs.SCAN_LIMIT", 2)
+    found, cursor, requests = [], None, 0
+    while True:
+        body = listed(client, console, q="panda", **({"cursor": cursor} if cursor else {}))
+        requests += 1
+        found += names(console, body)
+        assert body["scan_limit"] == 2
+        if not body["has_more"]:
+            break
+        cursor = body["next_cursor"]
+    # 6 jobs, 2 looked at per request: w_q2 w_q1 | w_cancelled w_failed | w_run w_ok | (end)
+    assert found == ["w_q1", "w_failed", "w_ok"] and requests == 4
+    first = listed(client, console, q="nothing like it")
+    assert (first["data"], first["truncated_scan"], first["has_more"]) == ([], True, True)
+    # Without a filter of that kind the page is exact: no scan bound, no truncation.
+    plain = listed(client, console, limit=3)
+    assert plain["truncated_scan"] is False and len(plain["data"]) == 3
+
+
+def test_search_is_one_bounded_statement(client, console, settings):
+    """A full page is one SELECT over a LIMITed walk of the index (besides the key lookup);
+    a page the matches do not fill costs one more, as bounded, to find where the walk
+    stopped."""
+    engine = get_engine(settings.database_url)
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        if "FROM jobs" in statement:
+            statements.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        listed(client, console, q="panda", limit=1)  # 3 matches: the page is full
+        full = list(statements)
+        statements.clear()
+        listed(client, console, q="panda", state="queued", limit=5)  # 1 match
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(full) == 1
+    assert full[0].count("LIMIT") == 2  # the window's bound and the page's
+    assert "ORDER BY jobs.created_at DESC, jobs.id DESC LIMIT" in full[0]
+    assert len(statements) == 2
+    assert re.search(
+        r"ORDER BY jobs.created_at DESC, jobs.id DESC LIMIT \S+ OFFSET \S+$", statements[1]
+    )
+
+
+def job(client, console, name, who="wayne"):
+    return client.get(f"/dashboard/jobs/{console.ids[name]}", headers=as_(console, who))
+
+
+def test_job_page_has_everything_about_one_job(client, console):
+    response = job(client, console, "w_ok")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["prompt"] == "A Red Panda in the snow"
+    assert body["params"] == {"prompt": "A Red Panda in the snow", "seed": 7, "num_frames": 9,
+                              "fps": 8}  # fmt: skip
+    assert body["stage_timings"] == {"text_encode": 1.5, "denoise": 30.25, "decode": 4.0}
+    assert body["result"] == {"frames": 9, "fps": 8, "width": 64, "height": 64}
+    assert (body["state"], body["status"], body["attempt"], body["worker_id"]) == (
+        "succeeded", "completed", 1, "w-1",
+    )  # fmt: skip
+    assert (body["queue_wait_s"], body["duration_s"]) == (10.0, 40.0)
+    assert body["output"] == {
+        "uri": "s3://fvb-videos/videos/x/attempt-1.mp4", "bytes": 1234, "sha256": "ab" * 32,
+    }  # fmt: skip
+    assert body["batch_id"] == "batch_wayne"
+    assert [(e["from_status"], e["to_status"], e["attempt"]) for e in body["events"]] == [
+        (None, "queued", 0),
+        ("queued", "running", 1),
+        ("running", "succeeded", 1),
+    ]
+    assert body["events"][1]["at"] == ago(890).timestamp()
+    assert body["actions"] == {"cancel": False, "retry": False, "delete": True, "play": True}
+
+    failed = job(client, console, "w_failed").json()
+    assert (failed["error_code"], failed["error_message"]) == ("oom", "oom happened")
+    assert failed["actions"] == {"cancel": False, "retry": True, "delete": True, "play": False}
+    queued = job(client, console, "w_q1").json()
+    assert queued["actions"] == {"cancel": True, "retry": False, "delete": True, "play": False}
+
+
+def test_job_page_is_404_for_another_tenants_job_but_an_operator_sees_it(client, console):
+    response = job(client, console, "s_q")  # wayne's key, stark's job
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    seen = job(client, console, "s_q", who="ops")
+    assert seen.status_code == 200 and seen.json()["tenant"] == "stark"
+
+
+def act(client, console, name, action, who="wayne"):
+    return client.post(f"/dashboard/jobs/{console.ids[name]}/{action}", headers=as_(console, who))
+
+
+def state_of(settings, job_id) -> tuple[str, int, int]:
+    with session_scope(settings.database_url) as session:
+        row = session.get(Job, job_id)
+        return row.status, row.attempt, row.max_attempts
+
+
+def test_actions_refuse_what_they_cannot_do(client, console):
+    cases = [
+        ("w_q1", "retry", 409, "video_not_retryable"),  # queued: nothing to retry
+        ("w_run", "retry", 409, "video_not_retryable"),
+        ("w_ok", "retry", 409, "video_not_retryable"),
+        ("w_ok", "cancel", 409, "video_finished"),
+        ("w_failed", "cancel", 409, "video_finished"),
+        ("s_q", "cancel", 404, "not_found"),  # another tenant's
+        ("s_failed", "retry", 404, "not_found"),
+        ("s_q", "delete", 404, "not_found"),
+    ]
+    for name, action, status, code in cases:
+        response = act(client, console, name, action)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), (
+            name,
+            action,
+            response.text,
+        )
+    assert client.post(f"/dashboard/jobs/{console.ids['w_q1']}/cancel").status_code == 401
+    missing = client.post("/dashboard/jobs/video_nope/retry", headers=as_(console, "ops"))
+    assert missing.status_code == 404
+
+
+def test_cancel_and_retry_change_the_database(client, console, settings):
+    c = console
+    c.make("w_act", "wayne", 300, "to be cancelled, then retried")
+    response = act(client, c, "w_act", "cancel")
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "cancelled"
+    assert state_of(settings, c.ids["w_act"]) == ("cancelled", 0, 3)
+    # A cancelled video comes back as a new attempt with job_max_attempts more attempts.
+    response = act(client, c, "w_act", "retry")
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "queued" and response.json()["error_code"] is None
+    assert state_of(settings, c.ids["w_act"]) == ("queued", 0, 3)
+    events = [(e["from_status"], e["to_status"], e["detail"]) for e in response.json()["events"]]
+    assert events[-1] == ("cancelled", "queued", "retry")
+    # A failed one: attempt 1 was used, so it may now go to 1 + 3.
+    response = act(client, c, "w_failed", "retry")
+    assert response.status_code == 200, response.text
+    assert state_of(settings, c.ids["w_failed"]) == ("queued", 1, 4)
+    assert act(client, c, "w_failed", "retry").status_code == 409  # queued now
+
+
+def test_an_operator_acts_on_another_tenants_job(client, console, settings):
+    c = console
+    response = act(client, c, "s_failed", "retry", who="ops")
+    assert response.status_code == 200, response.text
+    assert state_of(settings, c.ids["s_failed"])[0] == "queued"
+    response = act(client, c, "s_failed", "cancel", who="ops")
+    assert response.status_code == 200 and response.json()["state"] == "cancelled"
+
+
+def test_retry_is_admitted_like_a_new_video(client, console, settings):
+    c = console
+    with session_scope(settings.database_url) as session:
+        c.keys["full"] = create_api_key(session, "wayne", max_queued=1)
+    c.make("w_full", "wayne", 250, "one more failure")
+    h = c.history
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("fvb_core.db.transitions.utcnow", h.clock)
+        h.fail(c.ids["w_full"], h.claim(c.ids["w_full"], "w-9", ago(240)), "oom", ago(230))
+    response = act(client, c, "w_full", "retry", who="full")  # wayne has queued jobs already
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "queue_full"
+    assert "retry-after" in response.headers
+    assert state_of(settings, c.ids["w_full"])[0] == "failed"
+
+
+def test_delete_hides_the_job_once_its_files_are_gone(client, console, settings):
+    c = console
+    c.make("w_del", "wayne", 200, "to be deleted")
+    context = client.app.state.context
+    deleted: list[str] = []
+    # The store is not reachable from this module: the delete says so and keeps the job...
+    response = act(client, c, "w_del", "delete")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "storage_unavailable"
+    assert job(client, c, "w_del").status_code == 200
+    # ... and with a store that answers, the job leaves every list (an operator's delete).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(context, "try_ensure_bucket", lambda: True)
+        patch.setattr(context.store, "delete_job", lambda job_id: deleted.append(job_id) or [])
+        response = act(client, c, "w_del", "delete", who="ops")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"id": c.ids["w_del"], "deleted": True}
+    assert deleted == [c.ids["w_del"]]
+    assert job(client, c, "w_del").status_code == 404
+    assert "w_del" not in names(c, listed(client, c))
+    with session_scope(settings.database_url) as session:
+        row = session.get(Job, c.ids["w_del"])
+        assert row.status == "cancelled" and row.deleted_at is not None
+
+
+# --- signed links for <video src> and the manifest download ------------------------------
+
+
+def media_link(client, console, name, who="wayne"):
+    return client.post(f"/dashboard/jobs/{console.ids[name]}/media", headers=as_(console, who))
+
+
+def test_media_link_is_signed_for_the_key_and_checked_at_every_use(client, console, settings):
+    response = media_link(client, console, "w_ok")
+    assert response.status_code == 200, response.text
+    link = response.json()
+    assert link["url"].startswith(f"/dashboard/media/{console.ids['w_ok']}?k=key_")
+    assert 0 < link["expires_at"] - time.time() <= 900
+    # The link needs no header; the store being down here is the only thing in its way.
+    served = client.get(link["url"])
+    assert served.status_code == 503 and served.json()["error"]["code"] == "storage_unavailable"
+
+    tampered = link["url"].replace("sig=", "sig=0")
+    assert client.get(tampered).status_code == 403
+    other = link["url"].replace(console.ids["w_ok"], console.ids["w_run"])
+    assert client.get(other).json()["error"]["code"] == "invalid_signature"
+    bare = client.get(f"/dashboard/media/{console.ids['w_ok']}")
+    assert bare.status_code == 403
+    with pytest.MonkeyPatch.context() as patch:
+        later = time.time() + 901
+        patch.setattr("scheduler.api.dashboard_links.time.time", lambda: later)
+        expired = client.get(link["url"])
+    assert expired.status_code == 403 and expired.json()["error"]["code"] == "link_expired"
+    # A revoked key's links stop working at once.
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(ApiKey)
+            .where(ApiKey.key_hash == hash_key(console.keys["wayne"]))
+            .values(revoked_at=NOW)
+        )
+    try:
+        assert client.get(link["url"]).json()["error"]["code"] == "invalid_signature"
+    finally:
+        with session_scope(settings.database_url) as session:
+            session.execute(
+                update(ApiKey)
+                .where(ApiKey.key_hash == hash_key(console.keys["wayne"]))
+                .values(revoked_at=None)
+            )
+
+
+def test_media_link_only_for_a_completed_video_the_key_sees(client, console):
+    assert media_link(client, console, "w_run").json()["error"]["code"] == "video_not_ready"
+    assert media_link(client, console, "w_cancelled").json()["error"]["code"] == "video_failed"
+    assert media_link(client, console, "s_q").status_code == 404
+    assert media_link(client, console, "w_ok", who="stark").status_code == 404
+    assert media_link(client, console, "w_ok", who="ops").status_code == 200
+
+
+def test_manifest_link_for_the_tenants_batch(client, console):
+    path = "/dashboard/batches/batch_wayne/manifest"
+    assert client.post(path, headers=as_(console, "stark")).status_code == 404
+    response = client.post(path, headers=as_(console, "wayne"))
+    assert response.status_code == 200, response.text
+    url = response.json()["url"]
+    assert url.startswith("/dashboard/batches/batch_wayne/manifest.jsonl?k=key_")
+    served = client.get(url)
+    assert served.status_code == 200
+    assert served.headers["content-type"].startswith("application/x-ndjson")
+    assert "attachment" in served.headers["content-disposition"]
+    rows = [json.loads(line) for line in served.text.splitlines()]
+    assert sorted(r["video_id"] for r in rows) == sorted(
+        [console.ids["w_ok"], console.ids["w_run"]]
+    )
+    # A video's link is not a manifest's.
+    assert (
+        client.get(url.replace("batches/batch_wayne/manifest.jsonl", "media/x")).status_code == 403
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("bytes=0-", (0, 99)),
+        ("bytes=10-19", (10, 19)),
+        ("bytes=90-500", (90, 99)),
+        ("bytes=-10", (90, 99)),
+        ("bytes=0-1,5-6", None),  # several ranges: the whole object
+        ("items=0-1", None),
+    ],
+)
+def test_range_header(header, expected):
+    assert parse_range(header, 100) == expected
+
+
+def test_range_outside_the_video_is_416():
+    with pytest.raises(ApiError) as caught:
+        parse_range("bytes=100-", 100)
+    assert caught.value.status == 416
+    assert caught.value.headers == {"Content-Range": "bytes */100"}

@@ -1,29 +1,35 @@
-"""``/dashboard``: the monitoring page, and ``/dashboard/data``, the JSON it polls.
+"""``/dashboard``: the operator console (a static page, its script and style) and the JSON
+routes it calls.
 
-The page is static and needs no key (it holds no data); it reads the key from its URL
-fragment (``/dashboard#key=fvb-...``, never sent to the server) and sends it as a Bearer
-header to ``/dashboard/data``, which is tenant-scoped like every other data route.
+The page holds no data and needs no key: it reads the key from its URL fragment
+(``/dashboard#key=fvb-...``, never sent to the server) and sends it as a Bearer header. A
+tenant's key sees its own jobs; an operator's key (``fvb keys create --operator``) sees
+every tenant's, and its actions on them (cancel, retry, delete) go through these routes with
+no tenant (``/v1/videos`` stays tenant-scoped). ``<video src>`` and the manifest download
+cannot send a header: they use short-lived signed links (``scheduler/api/dashboard_links``).
 
-The page is read once, at import, so a missing file is an error at start-up. It ships as
-package data (``scheduler/api/static/``). Its Content-Security-Policy allows only its own
-inline script and style (by hash) and requests to this origin.
+The page, script and style are read once, at import, so a missing file is an error at
+start-up; they ship as package data (``scheduler/api/static/``). The page's
+Content-Security-Policy allows scripts, styles, requests and media from this origin only.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import re
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BaseModel
+from sqlalchemy import select
 
-from scheduler.api import dashboard_data
-from scheduler.api.auth import Tenant
+from fvb_core.db.models import Batch
+from scheduler.api import dashboard_data, dashboard_jobs, dashboard_links, manifest
+from scheduler.api.auth import CurrentPrincipal, Tenant
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.dashboard_data import DashboardData
+from scheduler.api.dashboard_jobs import JobDetail, JobPage, scope_of
+from scheduler.api.errors import ApiError
 from scheduler.api.openapi import errors
 from scheduler.api.session import SessionDep
 
@@ -31,42 +37,52 @@ router = APIRouter(tags=["dashboard"], responses=errors(401, 403, 429, 500, 503)
 
 Context = Annotated[ApiContext, Depends(get_context)]
 
-PAGE_PATH = Path(__file__).resolve().parent.parent / "static" / "dashboard.html"
+STATIC = Path(__file__).resolve().parent.parent / "static"
 
 
-def _read_page(path: Path) -> str:
+def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise RuntimeError(
-            f"the dashboard page {path} is missing: install the package with its data "
+            f"the dashboard file {path} is missing: install the package with its data "
             "files (scheduler/api/static/*)"
         ) from err
 
 
-def _hashes(page: str, tag: str) -> str:
-    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
-    return " ".join(
-        f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'"
-        for block in blocks
-    )
-
-
-PAGE = _read_page(PAGE_PATH)
+PAGE = _read(STATIC / "dashboard.html")
+#: name -> (text, media type), served under /dashboard/assets/.
+ASSETS = {
+    "dashboard.js": (_read(STATIC / "dashboard.js"), "text/javascript; charset=utf-8"),
+    "dashboard.css": (_read(STATIC / "dashboard.css"), "text/css; charset=utf-8"),
+}
 PAGE_HEADERS = {
     "Content-Security-Policy": (
-        f"default-src 'none'; script-src {_hashes(PAGE, 'script')}; "
-        f"style-src {_hashes(PAGE, 'style')}; connect-src 'self'; img-src data:; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "media-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
     ),
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
 def dashboard_page() -> HTMLResponse:
     return HTMLResponse(PAGE, headers=PAGE_HEADERS)
+
+
+@router.get("/dashboard/assets/{name}", include_in_schema=False)
+def dashboard_asset(name: str) -> Response:
+    if name not in ASSETS:
+        raise ApiError.not_found(f"No dashboard file '{name}'")
+    text, media_type = ASSETS[name]
+    return Response(
+        text,
+        media_type=media_type,
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"},
+    )
 
 
 @router.get("/dashboard/data", response_model=DashboardData, responses=errors(400))
@@ -80,5 +96,202 @@ def dashboard_json(
     ] = None,
 ) -> DashboardData:
     status_filter = dashboard_data.parse_status_filter(status)
-    response.headers["Cache-Control"] = "no-store"
+    response.headers.update(NO_STORE)
     return dashboard_data.collect(session, context, tenant, status_filter)
+
+
+class Me(BaseModel):
+    tenant: str
+    operator: bool
+
+
+@router.get("/dashboard/me", response_model=Me)
+def dashboard_me(principal: CurrentPrincipal) -> Me:
+    """Who the key acts for: the page shows operators the tenant column and filter."""
+    return Me(tenant=principal.tenant, operator=principal.operator)
+
+
+# --- jobs --------------------------------------------------------------------------------
+
+
+@router.get("/dashboard/jobs", response_model=JobPage, responses=errors(400))
+def dashboard_jobs_list(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    response: Response,
+    state: Annotated[
+        str | None,
+        Query(description="job states, comma-separated: " + ", ".join(dashboard_jobs.STATES)),
+    ] = None,
+    model: str | None = None,
+    batch_id: str | None = None,
+    tenant: Annotated[str | None, Query(description="operators: one tenant's jobs")] = None,
+    created_after: Annotated[int | None, Query(description="unix seconds, inclusive")] = None,
+    created_before: Annotated[int | None, Query(description="unix seconds, exclusive")] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            description="prompt text (case-insensitive), searched among the newest "
+            f"{dashboard_jobs.SCAN_LIMIT} jobs the other filters select per request"
+        ),
+    ] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, Query(json_schema_extra={"minimum": 1, "maximum": 100})] = 50,
+) -> JobPage:
+    """Jobs newest first, filtered, a page at a time by cursor (keyset)."""
+    filters = dashboard_jobs.parse_filters(
+        principal,
+        state=state,
+        model=model,
+        batch_id=batch_id,
+        tenant=tenant,
+        created_after=created_after,
+        created_before=created_before,
+        q=q,
+    )
+    response.headers.update(NO_STORE)
+    return dashboard_jobs.list_page(session, scope_of(principal), filters, cursor or None, limit)
+
+
+@router.get("/dashboard/jobs/{video_id}", response_model=JobDetail, responses=errors(404))
+def dashboard_job(
+    video_id: str, principal: CurrentPrincipal, session: SessionDep, context: Context,
+    response: Response,
+) -> JobDetail:  # fmt: skip
+    """One job in full: prompt, parameters, events, stage timings, attempts, error."""
+    response.headers.update(NO_STORE)
+    return dashboard_jobs.detail(session, context, scope_of(principal), video_id)
+
+
+@router.post(
+    "/dashboard/jobs/{video_id}/cancel", response_model=JobDetail, responses=errors(404, 409)
+)
+def dashboard_job_cancel(
+    video_id: str, principal: CurrentPrincipal, session: SessionDep, context: Context
+) -> JobDetail:
+    """Queued: cancelled now; running: stopped at its next step; finished: 409."""
+    dashboard_jobs.cancel(session, scope_of(principal), video_id)
+    return dashboard_jobs.detail(session, context, scope_of(principal), video_id)
+
+
+@router.post(
+    "/dashboard/jobs/{video_id}/retry", response_model=JobDetail, responses=errors(404, 409)
+)
+def dashboard_job_retry(
+    video_id: str, principal: CurrentPrincipal, session: SessionDep, context: Context
+) -> JobDetail:
+    """A failed or cancelled video queued again as a new attempt (409 in any other state,
+    429 when its tenant's queue is full)."""
+    dashboard_jobs.retry(session, context, principal, video_id)
+    return dashboard_jobs.detail(session, context, scope_of(principal), video_id)
+
+
+class Deleted(BaseModel):
+    id: str
+    deleted: bool = True
+
+
+@router.post("/dashboard/jobs/{video_id}/delete", response_model=Deleted, responses=errors(404))
+def dashboard_job_delete(
+    video_id: str, principal: CurrentPrincipal, session: SessionDep, context: Context
+) -> Deleted:
+    """``DELETE /v1/videos/{id}``: cancelled if unfinished, its files deleted, then hidden."""
+    dashboard_jobs.delete(session, context, scope_of(principal), video_id)
+    return Deleted(id=video_id)
+
+
+class SignedLink(BaseModel):
+    #: Path and query on this API, usable without a header until ``expires_at``.
+    url: str
+    expires_at: int
+
+
+@router.post(
+    "/dashboard/jobs/{video_id}/media", response_model=SignedLink, responses=errors(404, 409, 410)
+)
+def dashboard_job_media_link(
+    video_id: str,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    context: Context,
+    request: Request,
+) -> SignedLink:
+    """A short-lived URL of the completed video, for ``<video src>``."""
+    dashboard_jobs.video_of(session, scope_of(principal), video_id)
+    url = request.url_for("dashboard_media", video_id=video_id)
+    link = dashboard_links.sign(request, session, context, url, f"video:{video_id}")
+    return SignedLink(url=link.url, expires_at=link.expires_at)
+
+
+@router.get("/dashboard/media/{video_id}", include_in_schema=False, name="dashboard_media")
+def dashboard_media(
+    video_id: str,
+    session: SessionDep,
+    context: Context,
+    request: Request,
+    k: str | None = None,
+    exp: int | None = None,
+    sig: str | None = None,
+    range_header: Annotated[str | None, Header(alias="range")] = None,
+) -> StreamingResponse:
+    """The video of a signed link, whole or by ``Range`` (206)."""
+    principal = dashboard_links.verify(request, session, context, f"video:{video_id}", k, exp, sig)
+    job = dashboard_jobs.video_of(session, scope_of(principal), video_id)
+    return dashboard_links.stream(
+        context, job.output_key or "", job.output_bytes, "video/mp4", range_header,
+        f"{video_id}.mp4",
+    )  # fmt: skip
+
+
+# --- batches -----------------------------------------------------------------------------
+
+
+def _batch(session: SessionDep, scope: str | None, batch_id: str) -> Batch:
+    where = [Batch.id == batch_id] + ([Batch.tenant == scope] if scope is not None else [])
+    batch = session.execute(select(Batch).where(*where)).scalar_one_or_none()
+    session.commit()
+    if batch is None:
+        raise ApiError.not_found(f"No batch found with id '{batch_id}'", "batch_id")
+    return batch
+
+
+@router.post(
+    "/dashboard/batches/{batch_id}/manifest", response_model=SignedLink, responses=errors(404)
+)
+def dashboard_manifest_link(
+    batch_id: str,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    context: Context,
+    request: Request,
+) -> SignedLink:
+    """A short-lived URL of the batch's manifest (JSON lines), for a download link."""
+    _batch(session, scope_of(principal), batch_id)
+    url = request.url_for("dashboard_manifest", batch_id=batch_id)
+    link = dashboard_links.sign(request, session, context, url, f"manifest:{batch_id}")
+    return SignedLink(url=link.url, expires_at=link.expires_at)
+
+
+@router.get(
+    "/dashboard/batches/{batch_id}/manifest.jsonl",
+    include_in_schema=False,
+    name="dashboard_manifest",
+)
+def dashboard_manifest(
+    batch_id: str,
+    session: SessionDep,
+    context: Context,
+    request: Request,
+    k: str | None = None,
+    exp: int | None = None,
+    sig: str | None = None,
+) -> StreamingResponse:
+    """``GET /v1/batches/{id}/manifest`` for a signed link, as a download."""
+    resource = f"manifest:{batch_id}"
+    principal = dashboard_links.verify(request, session, context, resource, k, exp, sig)
+    _batch(session, scope_of(principal), batch_id)
+    return StreamingResponse(
+        manifest.jsonl(context.settings.database_url, batch_id, context.store),
+        media_type="application/x-ndjson",
+        headers={"Content-Disposition": f'attachment; filename="{batch_id}.manifest.jsonl"'},
+    )
