@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(default=300.0, gt=0)
     webhook_max_age_s: float = Field(default=3 * 86400.0, gt=0)
     webhook_poll_s: float = Field(default=1.0, gt=0)
+    #: How often the scheduler folds the job trail into the roll-ups (fvb_core/db/rollup.py).
+    rollup_interval_s: float = Field(default=1.0, gt=0)
 
     # Worker.
     #: Prompt embeddings a worker keeps for reuse by the next seeds of the same prompt.

@@ -1,4 +1,5 @@
-"""``fvb scheduler``: the release loop, the reaper and the retention sweeper in one process.
+"""``fvb scheduler``: the release loop, the reaper, the retention sweeper and the roll-ups
+(``scheduler/rollups.py``) in one process.
 
 Release passes run back to back while they find work to do and every ``release_interval_s``
 otherwise; the reaper every ``reaper_interval_s``; the sweeper (``scheduler/sweeper.py``)
@@ -19,6 +20,7 @@ from fvb_core.models_config import ServedModel, load_models_config
 from fvb_core.settings import Settings
 from scheduler.reaper import reap
 from scheduler.release import Releaser
+from scheduler.rollups import start_rollups
 from scheduler.sweeper import run_sweeper
 from scheduler.webhooks import start_webhooks
 
@@ -62,6 +64,8 @@ def run_scheduler(
     sweeper.start()
     # Webhook delivery (scheduler/webhooks.py): its own thread, a slow receiver holds up nothing.
     webhooks = start_webhooks(settings, stop)
+    # The console's and /metrics' roll-ups (scheduler/rollups.py).
+    rollups = start_rollups(settings, stop, models)
     try:
         while not stop.is_set():
             busy = False
@@ -84,4 +88,5 @@ def run_scheduler(
             log.warning("could not give the release lease up; it expires by itself")
         sweeper.join(10)
         webhooks.join(10)
+        rollups.join(10)
     log.info("scheduler stopped")

@@ -259,3 +259,10 @@ def test_bulk_dataset_smoke_submits_resumes_and_exports_every_item(tmp_path):
     assert results["export"]["parquet_mib"] > 0 and results["export"]["jsonl_mib"] > 0
     assert results["get_batch"]["median_ms"] > 0 and results["items_page"]["bytes"] > 0
     assert "| sqlite | 200 |" in stdout
+
+
+def test_console_scale_smoke_times_every_endpoint(tmp_path):
+    stdout, results = _run("console_scale", "--smoke", tmp_path=tmp_path)
+    assert results["rows"] == 5000 and results["batch_items"] == 500
+    assert results["endpoints"] and all("median_ms" in e for e in results["endpoints"].values())
+    assert "| operator /metrics |" in stdout

@@ -2,8 +2,9 @@
 as fast as its live consumers can take them, so each consumer says it is there.
 
 Runs in the Celery main process (the one that talks to the broker), from ``worker_ready``
-to ``worker_shutdown``: a daemon thread beats every ``worker_heartbeat_s``. A database that
-is down only delays the beats (the scheduler then counts the consumer as gone after
+to ``worker_shutdown``: a daemon thread beats every ``worker_heartbeat_s``, each beat with
+what the worker says of itself (``worker/telemetry.py``: GPUs, its children's job ids). A
+database that is down only delays the beats (the scheduler then counts the consumer as gone after
 ``worker_timeout_s`` and releases nothing more to it until it beats again).
 """
 
@@ -20,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fvb_core.db import fleet
 from fvb_core.db.session import session_scope
 from fvb_core.settings import Settings
+from worker import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,9 @@ class Presence:
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.worker_heartbeat_s):
             try:
+                stats = telemetry.collect(self.settings.worker_gpus, self.settings.worker_device)
                 with session_scope(self.settings.database_url) as session:
-                    known = fleet.beat_worker(session, self.worker_id)
+                    known = fleet.beat_worker(session, self.worker_id, stats)
                 if not known:
                     self._register()
             except SQLAlchemyError as err:

@@ -34,11 +34,13 @@ def register_worker(
     )
 
 
-def beat_worker(session: Session, worker_id: str) -> bool:
-    """Record that the consumer is alive; False if its row is gone (register again)."""
-    result = session.execute(
-        update(Worker).where(Worker.id == worker_id).values(heartbeat_at=utcnow(), stopped_at=None)
-    )
+def beat_worker(session: Session, worker_id: str, stats: dict | None = None) -> bool:
+    """Record that the consumer is alive (with what it says of itself, ``stats``); False if
+    its row is gone (register again)."""
+    values: dict = dict(heartbeat_at=utcnow(), stopped_at=None)
+    if stats is not None:
+        values["stats"] = stats
+    result = session.execute(update(Worker).where(Worker.id == worker_id).values(**values))
     return result.rowcount == 1
 
 

@@ -100,6 +100,8 @@ class Job(Base):
             postgresql_where=text("status = 'queued' AND dispatched_at IS NOT NULL"),
         ),
         Index("ix_jobs_tenant_finished", "tenant", "finished_at"),
+        # The fleet's last minutes (every tenant's finished work): the console's workers.
+        Index("ix_jobs_finished", "finished_at"),
         # A batch's counts and "is anything of it unfinished" without visiting its rows
         # (partial: every such question leaves deleted videos out, and so an index-only
         # scan answers it; deleted videos are always finished ones).
@@ -189,6 +191,18 @@ class JobEvent(Base):
     to_status: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text, default=None)
+    #: Folded into the roll-ups (``fvb_core/db/rollup.py``) yet? The partial index finds the
+    #: few that are not, whatever the size of the trail.
+    rolled_up: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+    __table_args__ = (
+        Index(
+            "ix_job_events_pending",
+            "id",
+            sqlite_where=text("NOT rolled_up"),
+            postgresql_where=text("NOT rolled_up"),
+        ),
+    )
 
 
 class ApiKey(Base):
@@ -243,6 +257,9 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: What the worker said of itself at its last beat (``worker/telemetry.py``): its GPUs
+    #: (name, memory, utilisation, temperature), uploads, the models it holds.
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Lease(Base):
@@ -298,3 +315,59 @@ class WebhookEvent(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
     given_up_at: Mapped[datetime | None] = mapped_column(default=None)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+# -- roll-ups: the job trail folded into small tables (fvb_core/db/rollup.py) ----------------
+
+
+class JobCount(Base):
+    """Jobs by (tenant, model, status), deleted ones left out: what the dashboard's cards,
+    its pools and /metrics' ``fvb_jobs`` read instead of counting the jobs table."""
+
+    __tablename__ = "job_counts"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class JobOutcome(Base):
+    """Counters that only grow: completed, failed (by error code), cancelled, retried,
+    requeued and deleted jobs per (tenant, model), and the bytes of the videos stored."""
+
+    __tablename__ = "job_outcomes"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    #: The error code of a failed job; "" for every other outcome.
+    error_code: Mapped[str] = mapped_column(String(64), primary_key=True, default="")
+    n: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    output_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class JobLatency(Base):
+    """A Prometheus-style histogram per (model, metric): ``queue_wait`` (created -> started)
+    and ``render`` (started -> finished) of succeeded jobs; ``buckets`` counts per upper
+    bound of ``rollup.LATENCY_BUCKETS`` (not cumulative), ``total_s`` their sum."""
+
+    __tablename__ = "job_latency"
+
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(16), primary_key=True)
+    buckets: Mapped[list[int]] = mapped_column(JSON)
+    n: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    total_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class QueueSample(Base):
+    """Queued and running jobs per GPU pool, sampled once a minute by the scheduler: the
+    dashboard's queue-depth chart."""
+
+    __tablename__ = "queue_samples"
+
+    minute: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(64), primary_key=True)
+    queued: Mapped[int] = mapped_column(BigInteger, default=0)
+    running: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -2,8 +2,10 @@
 times, the workers running its jobs, its latest jobs and batches; and, for every GPU pool,
 how many jobs wait and run in total (numbers only: nothing else about other tenants).
 
-Eight queries in one session, each an aggregate or a bounded select; nothing per row. Counts
-and the table cover the videos the API still lists (deleted ones excluded); throughput and
+A few queries in one session, each over a roll-up table (``fvb_core/db/rollup.py``: the
+counts by status and per pool), an index range (the last hour's finished jobs, the running
+ones, the newest rows) or a bounded select; nothing scans the jobs table. Counts and the
+table cover the videos the API still lists (deleted ones excluded); throughput and
 run times cover work finished, deleted since or not, so a client that deletes each video
 after downloading it still sees its rate. Percentiles are taken here rather than in SQL
 (SQLite has none) from the last hour's run times: one row of two timestamps per job.
@@ -12,23 +14,29 @@ after downloading it still sees its rate. Percentiles are taken here rather than
 from __future__ import annotations
 
 import math
+from collections import Counter
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 from sqlalchemy import case, distinct, func, select
 from sqlalchemy.orm import Session
 
+from fvb_core.db import rollup
 from fvb_core.db.models import Batch, Job, utcnow
 from fvb_core.jobs import JobStatus
+from scheduler.api import fleet_view
 from scheduler.api.batches import request_counts
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
+from scheduler.api.fleet_view import FleetWorker
 from scheduler.api.schemas import API_STATUS, JOB_STATUSES, ApiStatus, BatchObject, unix
 
 #: Windows (minutes) over which completed jobs per minute are reported.
 THROUGHPUT_WINDOWS_MIN = (10, 60)
 #: Window (minutes) of the succeeded jobs whose run times give the median and p95.
 RUN_TIME_WINDOW_MIN = 60
+#: Minutes the charts cover.
+CHART_MINUTES = 60
 LATEST_JOBS = 50
 LATEST_BATCHES = 10
 #: The table's filter: the API statuses (``failed`` includes cancelled, as in the API), and
@@ -114,6 +122,30 @@ class JobRow(BaseModel):
     worker_id: str | None
 
 
+class MinuteStats(BaseModel):
+    """One minute of the last hour: jobs that finished in it, and their latencies."""
+
+    minute: int
+    completed: int = 0
+    failed: int = 0
+    queue_wait_p50_s: float | None = None
+    queue_wait_p95_s: float | None = None
+    render_p50_s: float | None = None
+    render_p95_s: float | None = None
+
+
+class QueueDepthSample(BaseModel):
+    minute: int
+    pool: str
+    queued: int
+    running: int
+
+
+class Charts(BaseModel):
+    per_minute: list[MinuteStats]
+    queue_depth: list[QueueDepthSample]
+
+
 class DashboardData(BaseModel):
     tenant: str
     generated_at: int
@@ -129,6 +161,10 @@ class DashboardData(BaseModel):
     jobs: list[JobRow]
     #: The tenant's newest batches, as ``GET /v1/batches/{id}`` shows each.
     batches: list[BatchObject]
+    #: The last hour, a point a minute (the tenant's jobs; queue depth: every tenant's).
+    charts: Charts
+    #: Live workers, idle ones too (a tenant: those running its jobs).
+    fleet: list[FleetWorker]
 
 
 def parse_status_filter(value: str | None) -> str | None:
@@ -156,14 +192,10 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round((end - start).total_seconds(), 3)
 
 
-def _counts(session: Session, tenant: str) -> StatusCounts:
-    rows = session.execute(
-        select(Job.status, func.count())
-        .where(Job.tenant == tenant, Job.deleted_at.is_(None))
-        .group_by(Job.status)
-    ).all()
+def _counts(session: Session, by_key: Counter) -> StatusCounts:
+    """The cards, from the roll-ups (``by_key``: (tenant, model, status) -> jobs)."""
     counts = StatusCounts()
-    for status, count in rows:
+    for (_tenant, _model, status), count in by_key.items():
         api_status = API_STATUS.get(status)
         if api_status is not None:
             setattr(counts, api_status, getattr(counts, api_status) + count)
@@ -173,27 +205,25 @@ def _counts(session: Session, tenant: str) -> StatusCounts:
     return counts
 
 
-def _pools(session: Session, context: ApiContext, tenant: str) -> list[PoolDepth]:
-    yours = func.sum(case((Job.tenant == tenant, 1), else_=0))
-    rows = session.execute(
-        select(Job.model, Job.status, func.count(), yours)
-        .where(Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)), Job.deleted_at.is_(None))
-        .group_by(Job.model, Job.status)
-    ).all()
+def _pools(context: ApiContext, tenant: str | None, every: Counter) -> list[PoolDepth]:
+    """Queued and running jobs per pool (every tenant's), and ``tenant``'s share."""
     pools = {
         served.pool: PoolDepth(pool=served.pool, queue=served.queue)
         for served in context.models.values()
     }
-    for model, status, count, mine in rows:
+    for (owner, model, status), count in every.items():
+        if status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            continue
         served = context.models.get(model)
         name = served.pool if served else UNKNOWN_POOL
         pool = pools.setdefault(name, PoolDepth(pool=name, queue=f"gpu.{name}"))
+        mine = count if tenant is None or owner == tenant else 0
         if status == JobStatus.QUEUED:
             pool.queued += count
-            pool.yours_queued += int(mine or 0)
+            pool.yours_queued += mine
         else:
             pool.running += count
-            pool.yours_running += int(mine or 0)
+            pool.yours_running += mine
     return [pools[name] for name in sorted(pools)]
 
 
@@ -377,6 +407,51 @@ def _batches(session: Session, tenant: str) -> list[BatchObject]:
     ]
 
 
+def _per_minute(session: Session, tenant: str | None, now: datetime) -> list[MinuteStats]:
+    """The last hour's finished jobs a minute at a time, from the finished_at index (its
+    cost follows the hour's throughput, not the table)."""
+    first = (now - timedelta(minutes=CHART_MINUTES)).replace(second=0, microsecond=0)
+    query = select(Job.status, Job.created_at, Job.started_at, Job.finished_at).where(
+        Job.finished_at >= first,
+        Job.status.in_((JobStatus.SUCCEEDED, JobStatus.FAILED)),
+    )
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    starts = [unix(first + timedelta(minutes=i)) or 0 for i in range(CHART_MINUTES + 1)]
+    minutes = {start: MinuteStats(minute=start) for start in starts}
+    waits: dict[int, list[float]] = {}
+    renders: dict[int, list[float]] = {}
+    for status, created, started, finished in session.execute(query).all():
+        minute = unix(finished.replace(second=0, microsecond=0)) or 0
+        point = minutes.get(minute)
+        if point is None:
+            continue
+        if status == JobStatus.FAILED:
+            point.failed += 1
+            continue
+        point.completed += 1
+        if started is not None:
+            waits.setdefault(minute, []).append((started - created).total_seconds())
+            renders.setdefault(minute, []).append((finished - started).total_seconds())
+    for minute, point in minutes.items():
+        for name, samples in (("queue_wait", waits.get(minute)), ("render", renders.get(minute))):
+            if samples:
+                samples.sort()
+                setattr(point, f"{name}_p50_s", round(percentile(samples, 0.5) or 0, 3))
+                setattr(point, f"{name}_p95_s", round(percentile(samples, 0.95) or 0, 3))
+    return [minutes[m] for m in sorted(minutes)]
+
+
+def _queue_depth(session: Session, now: datetime) -> list[QueueDepthSample]:
+    since = now - timedelta(minutes=CHART_MINUTES)
+    return [
+        QueueDepthSample(
+            minute=unix(s.minute) or 0, pool=s.pool, queued=s.queued, running=s.running
+        )
+        for s in rollup.queue_samples(session, since)
+    ]
+
+
 def collect(
     session: Session, context: ApiContext, tenant: str, status_filter: str | None = None
 ) -> DashboardData:
@@ -386,12 +461,15 @@ def collect(
     timeout_s = context.settings.heartbeat_timeout_s
     heartbeat_cutoff = now - timedelta(seconds=timeout_s)
     try:
+        rollup.snapshot(session)  # the roll-ups and their pending events: one snapshot
+        every = rollup.job_counts(session)
+        mine = Counter({key: n for key, n in every.items() if key[0] == tenant})
         return DashboardData(
             tenant=tenant,
             generated_at=unix(now) or 0,
             heartbeat_timeout_s=timeout_s,
-            counts=_counts(session, tenant),
-            pools=_pools(session, context, tenant),
+            counts=_counts(session, mine),
+            pools=_pools(context, tenant, every),
             throughput=_throughput(session, tenant, now),
             run_time=_run_time(session, tenant, now),
             workers=_workers(session, tenant, heartbeat_cutoff),
@@ -399,6 +477,11 @@ def collect(
             status_filter=status_filter,
             jobs=_latest_jobs(session, tenant, status_filter, now),
             batches=_batches(session, tenant),
+            charts=Charts(
+                per_minute=_per_minute(session, tenant, now),
+                queue_depth=_queue_depth(session, now),
+            ),
+            fleet=fleet_view.fleet(session, context.settings, tenant, now),
         )
     finally:
         session.commit()
