@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, insert, text
 
 from fvb_core.api_keys import create_api_key
+from fvb_core.db import rollup
+from fvb_core.db.models import JobMinute
 from fvb_core.db.session import session_scope
 from fvb_tools.localstack.stack import DEV_TENANT, LocalStack
 
@@ -100,10 +102,42 @@ def fill(database_url: str, rows: int, batch_items: int) -> float:
                 "GROUP BY tenant, model, status, error_code"
             )
         )
+    fill_minutes(engine)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE"))
     engine.dispose()
     return time.perf_counter() - started
+
+
+def fill_minutes(engine) -> None:
+    """The minute roll-ups of the last day, as the fold leaves them (older ones are pruned)."""
+    minutes: dict[tuple, rollup.Minute] = {}
+    with engine.begin() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT date_trunc('minute', finished_at) AS m, tenant, model, status, "
+                "round(extract(epoch FROM started_at - created_at)) AS wait, "
+                "round(extract(epoch FROM finished_at - started_at)) AS render, count(*) "
+                "FROM jobs WHERE finished_at >= now() - interval '1 day' "
+                "AND status IN ('succeeded', 'failed') GROUP BY 1, 2, 3, 4, 5, 6"
+            )
+        ).all()
+        for at, tenant, model, status, wait, render, n in rows:
+            minute = minutes.setdefault((at, tenant, model), rollup.Minute())
+            if status == "failed":
+                minute.failed += n
+                continue
+            minute.completed += n
+            minute.queue_wait[rollup.bucket_of(float(wait))] += n
+            minute.render[rollup.bucket_of(float(render))] += n
+        conn.execute(
+            insert(JobMinute),
+            [
+                dict(minute=at, tenant=t, model=m, completed=v.completed, failed=v.failed,
+                     queue_wait=v.queue_wait, render=v.render)
+                for (at, t, m), v in minutes.items()
+            ],
+        )  # fmt: skip
 
 
 def latency(api_url: str, key: str, path: str, count: int) -> dict:
@@ -136,6 +170,15 @@ def endpoints(batch_id: str) -> list[tuple[str, str]]:
         ("tenant", f"/v1/batches/{batch_id}"),
         ("tenant", f"/v1/batches/{batch_id}/items?limit=100"),
         ("tenant", "/v1/videos?limit=50"),
+        ("tenant", "/dashboard/jobs"),
+        ("tenant", "/dashboard/jobs?state=failed"),
+        ("tenant", "/dashboard/jobs?q=harbour"),
+        ("tenant", f"/dashboard/jobs?batch_id={batch_id}&state=queued"),
+        ("operator", "/dashboard/jobs"),
+        ("operator", "/dashboard/jobs?tenant=globex&state=cancelled"),
+        ("tenant", "/dashboard/jobs/video_h00000000000000000000003"),
+        ("operator", "/dashboard/data"),
+        ("tenant", "/dashboard/me"),
     ]
 
 

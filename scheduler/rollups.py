@@ -1,6 +1,6 @@
 """The roll-up loop of the scheduler process (``fvb_core/db/rollup.py``): the job trail
 folded into the console's and /metrics' small tables about once a second, and queue depth
-per pool sampled once a minute (samples older than a day pruned).
+per pool sampled once a minute (samples and minute roll-ups older than a day pruned).
 
 A fold that fails (the database is down) is logged and tried again; readers stay exact
 meanwhile (they add the pending events), only slower as the pending events grow. Several
@@ -23,7 +23,7 @@ from fvb_core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: How long queue-depth samples are kept.
+#: How long queue-depth samples and minute roll-ups are kept (the console shows an hour).
 SAMPLES_KEPT = timedelta(days=1)
 
 

@@ -73,6 +73,10 @@ class PipelineCache:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def names(self) -> list[str]:
+        """The models loaded now, least recently used first."""
+        return list(self._entries)
+
     def engine_kwargs(self, model: ServedModel) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(model.pipeline_options)
         if self.device is not None:

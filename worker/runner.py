@@ -66,13 +66,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from fastvideo.executor import RankGroupError
 from fastvideo.pipelines.pipeline_batch_info import GenerationCancelled
 from fastvideo.utils.video_io import frames_to_uint8, write_mp4
 from fvb_core import logs
-from fvb_core.db import transitions
+from fvb_core.db import fleet, transitions
 from fvb_core.db.session import session_scope
 from fvb_core.jobs import JobParams, JobResult
 from fvb_core.models_config import ServedModel, load_models_config
@@ -163,6 +164,8 @@ class JobRunner:
     def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id or make_worker_id(settings)
+        #: The loaded models last written for the console (``_record_models``).
+        self._recorded_models: list[str] | None = None
         self.pipelines = PipelineCache(
             settings.pipeline_cache_size, settings.worker_device, settings.worker_gpus
         )
@@ -236,6 +239,7 @@ class JobRunner:
             started = time.perf_counter()
             generator = self.pipelines.get(model)
             timings["pipeline_load"] = time.perf_counter() - started
+            self._record_models()
         except Exception as err:
             log.exception("job %s: loading model %r failed", claim.job_id, claim.model)
             return self._fail(claim, "model_load_failed", f"{type(err).__name__}: {err}")
@@ -441,6 +445,18 @@ class JobRunner:
                 ", ".join(keys),
             )
         return True
+
+    def _record_models(self) -> None:
+        """Tell the console which models this process holds, when that changed."""
+        names = sorted(self.pipelines.names())
+        if names == self._recorded_models:
+            return
+        try:
+            with session_scope(self.settings.database_url) as session:
+                fleet.record_models(session, self.worker_id, names)
+            self._recorded_models = names
+        except SQLAlchemyError as err:  # the console's figure waits for the next load
+            log.warning("could not record the loaded models: %s", err)
 
     def _hand_off(self, rendered: Rendered) -> None:
         # The slot taken before the claim goes with the job; _finished gives it back.

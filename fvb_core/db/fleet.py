@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from fvb_core.db.models import Lease, Worker, utcnow
+from fvb_core.db.models import Lease, Worker, WorkerModels, utcnow
 
 
 def _upsert(session: Session):
@@ -85,3 +85,26 @@ def release_lease(session: Session, name: str, holder: str) -> None:
         .where(Lease.name == name, Lease.holder == holder)
         .values(expires_at=utcnow() - timedelta(seconds=1))
     )
+
+
+def record_models(session: Session, job_worker_id: str, models: list[str]) -> None:
+    """The models the job process ``job_worker_id`` holds loaded now."""
+    now = utcnow()
+    session.execute(
+        _upsert(session)(WorkerModels)
+        .values(job_worker_id=job_worker_id, models=models, updated_at=now)
+        .on_conflict_do_update(
+            index_elements=[WorkerModels.job_worker_id], set_={"models": models, "updated_at": now}
+        )
+    )
+
+
+def loaded_models(session: Session, job_worker_ids: list[str]) -> dict[str, list[str]]:
+    if not job_worker_ids:
+        return {}
+    rows = session.execute(
+        select(WorkerModels.job_worker_id, WorkerModels.models).where(
+            WorkerModels.job_worker_id.in_(job_worker_ids)
+        )
+    ).all()
+    return {job_worker_id: list(models) for job_worker_id, models in rows}

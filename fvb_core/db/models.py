@@ -262,6 +262,17 @@ class Worker(Base):
     stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
+class WorkerModels(Base):
+    """The models a job process of a worker holds loaded (``Job.worker_id``'s process:
+    ``host:pid:group``), written by it when its pipeline cache changes."""
+
+    __tablename__ = "worker_models"
+
+    job_worker_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    models: Mapped[list[str]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Lease(Base):
     """A named lease one process holds until ``expires_at`` (the scheduler's leadership)."""
 
@@ -359,6 +370,22 @@ class JobLatency(Base):
     buckets: Mapped[list[int]] = mapped_column(JSON)
     n: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     total_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class JobMinute(Base):
+    """Per minute of finishing, per (tenant, model): jobs completed and failed, and the
+    completed ones' queue-wait and render histograms (``rollup.LATENCY_BUCKETS``): the
+    console's throughput and charts, whatever the fleet finishes an hour."""
+
+    __tablename__ = "job_minutes"
+
+    minute: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    completed: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    queue_wait: Mapped[list[int]] = mapped_column(JSON)
+    render: Mapped[list[int]] = mapped_column(JSON)
 
 
 class QueueSample(Base):

@@ -10,6 +10,8 @@ folds the events nobody folded yet (:func:`fold`, found by the partial index
 - ``job_outcomes``: completed / failed (by error code) / cancelled / retried / requeued /
   deleted per (tenant, model), and the bytes of the stored videos;
 - ``job_latency``: histograms of queue wait and render time of succeeded jobs per model;
+- ``job_minutes``: per minute and (tenant, model), jobs completed and failed and the
+  completed ones' histograms (the console's throughput and charts);
 
 and samples queue depth per pool once a minute (:func:`sample_queues`). A reader adds the
 events not folded yet (:func:`pending`), in one snapshot with the tables
@@ -39,6 +41,7 @@ from fvb_core.db.models import (
     JobCount,
     JobEvent,
     JobLatency,
+    JobMinute,
     JobOutcome,
     QueueSample,
 )
@@ -67,7 +70,13 @@ class Deltas:
     output_bytes: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
     #: (model, metric) -> (bucket counts, n, total seconds)
     latency: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    #: (minute, tenant, model) -> Minute
+    minutes: dict[tuple[datetime, str, str], Minute] = field(default_factory=dict)
     event_ids: list[int] = field(default_factory=list)
+
+    def minute(self, at: datetime, tenant: str, model: str) -> Minute:
+        key = (at.replace(second=0, microsecond=0), tenant, model)
+        return self.minutes.setdefault(key, Minute())
 
     def observe(self, model: str, metric: str, seconds: float) -> None:
         buckets, n, total = self.latency.setdefault(
@@ -77,12 +86,51 @@ class Deltas:
         self.latency[(model, metric)] = [buckets, n + 1, total + seconds]
 
 
+def _empty() -> list[int]:
+    return [0] * len(LATENCY_BUCKETS)
+
+
+@dataclass
+class Minute:
+    """One minute of one (tenant, model): what finished in it."""
+
+    completed: int = 0
+    failed: int = 0
+    queue_wait: list[int] = field(default_factory=_empty)
+    render: list[int] = field(default_factory=_empty)
+
+    def add(self, other: Minute) -> None:
+        self.completed += other.completed
+        self.failed += other.failed
+        self.queue_wait = [a + b for a, b in zip(self.queue_wait, other.queue_wait, strict=True)]
+        self.render = [a + b for a, b in zip(self.render, other.render, strict=True)]
+
+
+def percentile_of(buckets: list[int], q: float) -> float | None:
+    """The ``q`` quantile estimated from bucket counts (linear within the bucket, as
+    Prometheus' histogram_quantile; the open last bucket answers its lower bound)."""
+    total = sum(buckets)
+    if total == 0:
+        return None
+    rank, seen = q * total, 0
+    for i, count in enumerate(buckets):
+        if count and seen + count >= rank:
+            low = LATENCY_BUCKETS[i - 1] if i else 0.0
+            high = LATENCY_BUCKETS[i]
+            if math.isinf(high):
+                return low
+            return low + (high - low) * (rank - seen) / count
+        seen += count
+    return LATENCY_BUCKETS[-2]
+
+
 def bucket_of(seconds: float) -> int:
     return next(i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound)
 
 
 _COLUMNS = (
     JobEvent.id,
+    JobEvent.at,
     JobEvent.from_status,
     JobEvent.to_status,
     JobEvent.detail,
@@ -127,12 +175,19 @@ def deltas_of(rows: Iterable[Any]) -> Deltas:
         if r.to_status == JobStatus.SUCCEEDED:
             d.outcomes[(*key, COMPLETED, "")] += 1
             d.output_bytes[(*key, COMPLETED, "")] += r.output_bytes or 0
+            minute = d.minute(r.finished_at or r.at, *key)
+            minute.completed += 1
             if r.started_at is not None and r.finished_at is not None:
-                d.observe(r.model, QUEUE_WAIT, _seconds(r.created_at, r.started_at))
-                d.observe(r.model, RENDER, _seconds(r.started_at, r.finished_at))
+                wait = _seconds(r.created_at, r.started_at)
+                render = _seconds(r.started_at, r.finished_at)
+                d.observe(r.model, QUEUE_WAIT, wait)
+                d.observe(r.model, RENDER, render)
+                minute.queue_wait[bucket_of(wait)] += 1
+                minute.render[bucket_of(render)] += 1
         elif r.to_status == JobStatus.FAILED:
             # The event's detail is the code it failed with (the row's may have moved on).
             d.outcomes[(*key, FAILED, r.detail or r.error_code or "failed")] += 1
+            d.minute(r.at, *key).failed += 1
         elif r.to_status == JobStatus.CANCELLED:
             d.outcomes[(*key, CANCELLED, "")] += 1
         elif r.to_status == JobStatus.QUEUED:
@@ -204,6 +259,25 @@ def apply(session: Session, d: Deltas) -> None:
             row.buckets = [a + b for a, b in zip(row.buckets, buckets, strict=True)]
             row.n += n
             row.total_s += total
+    for (at, tenant, model), minute in sorted(d.minutes.items()):
+        row = session.get(JobMinute, (at, tenant, model))
+        if row is None:
+            session.add(
+                JobMinute(
+                    minute=at,
+                    tenant=tenant,
+                    model=model,
+                    completed=minute.completed,
+                    failed=minute.failed,
+                    queue_wait=minute.queue_wait,
+                    render=minute.render,
+                )
+            )
+        else:
+            have = Minute(row.completed, row.failed, list(row.queue_wait), list(row.render))
+            have.add(minute)
+            row.completed, row.failed = have.completed, have.failed
+            row.queue_wait, row.render = have.queue_wait, have.render
     session.flush()
 
 
@@ -258,16 +332,37 @@ def pending(session: Session, tenant: str | None = None) -> Deltas:
     return deltas_of(_pending_rows(session, PENDING_LIMIT, tenant))
 
 
-def job_counts(session: Session, tenant: str | None = None) -> Counter[tuple[str, str, str]]:
-    """(tenant, model, status) -> jobs, exact: the folded counts plus the pending events."""
+def job_counts(
+    session: Session, tenant: str | None = None, pending_deltas: Deltas | None = None
+) -> Counter[tuple[str, str, str]]:
+    """(tenant, model, status) -> jobs, exact: the folded counts plus the pending events
+    (``pending_deltas``: already read, every tenant's)."""
     query = select(JobCount.tenant, JobCount.model, JobCount.status, JobCount.n)
     if tenant is not None:
         query = query.where(JobCount.tenant == tenant)
     counts: Counter[tuple[str, str, str]] = Counter()
     for t, model, status, n in session.execute(query).all():
         counts[(t, model, status)] += n
-    counts.update(pending(session, tenant).counts)
+    d = pending_deltas if pending_deltas is not None else pending(session, tenant)
+    counts.update({k: n for k, n in d.counts.items() if tenant is None or k[0] == tenant})
     return +counts  # zero rows left out
+
+
+def minutes(
+    session: Session, since: datetime, tenant: str | None, pending_deltas: Deltas
+) -> dict[datetime, Minute]:
+    """Minute -> what finished in it from ``since`` on (the tenant's, or everyone's)."""
+    query = select(JobMinute).where(JobMinute.minute >= since)
+    if tenant is not None:
+        query = query.where(JobMinute.tenant == tenant)
+    result: dict[datetime, Minute] = {}
+    for row in session.execute(query).scalars():
+        have = result.setdefault(row.minute, Minute())
+        have.add(Minute(row.completed, row.failed, list(row.queue_wait), list(row.render)))
+    for (at, owner, _model), minute in pending_deltas.minutes.items():
+        if at >= since and (tenant is None or owner == tenant):
+            result.setdefault(at, Minute()).add(minute)
+    return result
 
 
 def outcomes(session: Session, pending_deltas: Deltas | None = None) -> dict[str, Counter]:
@@ -308,7 +403,10 @@ def queue_samples(session: Session, since: datetime) -> list[QueueSample]:
 
 
 def prune_samples(session: Session, before: datetime) -> None:
+    """Queue samples and minute roll-ups older than ``before`` go (the outcome counters and
+    histograms keep everything)."""
     session.execute(QueueSample.__table__.delete().where(QueueSample.minute < before))
+    session.execute(JobMinute.__table__.delete().where(JobMinute.minute < before))
 
 
 def pending_count(session: Session) -> int:

@@ -1,5 +1,5 @@
-"""roll-ups of the job trail (job counts, outcomes, latency histograms, queue samples) for
-the console and /metrics; worker telemetry
+"""roll-ups of the job trail (job counts, outcomes, latency histograms, minutes, queue
+samples) for the console and /metrics; worker telemetry
 
 Existing events are left to fold (``rolled_up`` false): the scheduler's first passes fold
 the whole history, so the counts are right from the start. Jobs deleted before this
@@ -37,6 +37,12 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("stats", sa.JSON(), nullable=True))
     op.create_index("ix_jobs_finished", "jobs", ["finished_at"])
     op.create_table(
+        "worker_models",
+        sa.Column("job_worker_id", sa.String(length=255), primary_key=True),
+        sa.Column("models", sa.JSON(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
         "job_counts",
         sa.Column("tenant", sa.String(length=128), primary_key=True),
         sa.Column("model", sa.String(length=128), primary_key=True),
@@ -61,6 +67,16 @@ def upgrade() -> None:
         sa.Column("total_s", sa.Float(), nullable=False, server_default="0"),
     )
     op.create_table(
+        "job_minutes",
+        sa.Column("minute", sa.DateTime(timezone=True), primary_key=True),
+        sa.Column("tenant", sa.String(length=128), primary_key=True),
+        sa.Column("model", sa.String(length=128), primary_key=True),
+        sa.Column("completed", sa.BigInteger(), nullable=False),
+        sa.Column("failed", sa.BigInteger(), nullable=False),
+        sa.Column("queue_wait", sa.JSON(), nullable=False),
+        sa.Column("render", sa.JSON(), nullable=False),
+    )
+    op.create_table(
         "queue_samples",
         sa.Column("minute", sa.DateTime(timezone=True), primary_key=True),
         sa.Column("pool", sa.String(length=64), primary_key=True),
@@ -78,10 +94,12 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DELETE FROM job_events WHERE detail = 'deleted'")
     op.drop_table("queue_samples")
+    op.drop_table("job_minutes")
     op.drop_table("job_latency")
     op.drop_table("job_outcomes")
     op.drop_table("job_counts")
     op.drop_index("ix_jobs_finished", table_name="jobs")
+    op.drop_table("worker_models")
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.drop_column("stats")
     op.drop_index("ix_job_events_pending", table_name="job_events")

@@ -18,7 +18,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
-from sqlalchemy import case, distinct, func, select
+from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
 from fvb_core.db import rollup
@@ -33,8 +33,10 @@ from scheduler.api.schemas import API_STATUS, JOB_STATUSES, ApiStatus, BatchObje
 
 #: Windows (minutes) over which completed jobs per minute are reported.
 THROUGHPUT_WINDOWS_MIN = (10, 60)
-#: Window (minutes) of the succeeded jobs whose run times give the median and p95.
+#: Window (minutes) of the succeeded jobs whose run times give the median and p95, and the
+#: most of them (the latest) that are read.
 RUN_TIME_WINDOW_MIN = 60
+RUN_TIME_SAMPLES = 1000
 #: Minutes the charts cover.
 CHART_MINUTES = 60
 LATEST_JOBS = 50
@@ -227,36 +229,31 @@ def _pools(context: ApiContext, tenant: str | None, every: Counter) -> list[Pool
     return [pools[name] for name in sorted(pools)]
 
 
-def _throughput(session: Session, tenant: str, now: datetime) -> list[Throughput]:
-    windows = {
-        minutes: func.sum(case((Job.finished_at >= now - timedelta(minutes=minutes), 1), else_=0))
-        for minutes in THROUGHPUT_WINDOWS_MIN
-    }
-    row = session.execute(
-        select(*windows.values()).where(
-            Job.tenant == tenant,
-            Job.status == JobStatus.SUCCEEDED,
-            Job.finished_at >= now - timedelta(minutes=max(THROUGHPUT_WINDOWS_MIN)),
+def _throughput(by_minute: dict[datetime, rollup.Minute], now: datetime) -> list[Throughput]:
+    """Completed jobs over each window, from the minute roll-ups (to the minute)."""
+    result = []
+    for minutes in THROUGHPUT_WINDOWS_MIN:
+        since = (now - timedelta(minutes=minutes)).replace(second=0, microsecond=0)
+        done = sum(m.completed for at, m in by_minute.items() if at >= since)
+        result.append(
+            Throughput(window_minutes=minutes, completed=done, per_minute=round(done / minutes, 3))
         )
-    ).one()
-    return [
-        Throughput(
-            window_minutes=minutes,
-            completed=int(done or 0),
-            per_minute=round(int(done or 0) / minutes, 3),
-        )
-        for minutes, done in zip(THROUGHPUT_WINDOWS_MIN, row, strict=True)
-    ]
+    return result
 
 
 def _run_time(session: Session, tenant: str, now: datetime) -> RunTime:
+    """Exact median and p95 of the window's latest ``RUN_TIME_SAMPLES`` successes (an
+    index walk back from now, bounded however many finish an hour)."""
     rows = session.execute(
-        select(Job.started_at, Job.finished_at).where(
+        select(Job.started_at, Job.finished_at)
+        .where(
             Job.tenant == tenant,
-            Job.status == JobStatus.SUCCEEDED,
             Job.finished_at >= now - timedelta(minutes=RUN_TIME_WINDOW_MIN),
+            Job.status == JobStatus.SUCCEEDED,
             Job.started_at.is_not(None),
         )
+        .order_by(Job.finished_at.desc())
+        .limit(RUN_TIME_SAMPLES)
     ).all()
     durations = sorted(
         (end - start).total_seconds() for start, end in rows if start is not None and end
@@ -407,39 +404,20 @@ def _batches(session: Session, tenant: str) -> list[BatchObject]:
     ]
 
 
-def _per_minute(session: Session, tenant: str | None, now: datetime) -> list[MinuteStats]:
-    """The last hour's finished jobs a minute at a time, from the finished_at index (its
-    cost follows the hour's throughput, not the table)."""
-    first = (now - timedelta(minutes=CHART_MINUTES)).replace(second=0, microsecond=0)
-    query = select(Job.status, Job.created_at, Job.started_at, Job.finished_at).where(
-        Job.finished_at >= first,
-        Job.status.in_((JobStatus.SUCCEEDED, JobStatus.FAILED)),
-    )
-    if tenant is not None:
-        query = query.where(Job.tenant == tenant)
-    starts = [unix(first + timedelta(minutes=i)) or 0 for i in range(CHART_MINUTES + 1)]
-    minutes = {start: MinuteStats(minute=start) for start in starts}
-    waits: dict[int, list[float]] = {}
-    renders: dict[int, list[float]] = {}
-    for status, created, started, finished in session.execute(query).all():
-        minute = unix(finished.replace(second=0, microsecond=0)) or 0
-        point = minutes.get(minute)
-        if point is None:
-            continue
-        if status == JobStatus.FAILED:
-            point.failed += 1
-            continue
-        point.completed += 1
-        if started is not None:
-            waits.setdefault(minute, []).append((started - created).total_seconds())
-            renders.setdefault(minute, []).append((finished - started).total_seconds())
-    for minute, point in minutes.items():
-        for name, samples in (("queue_wait", waits.get(minute)), ("render", renders.get(minute))):
-            if samples:
-                samples.sort()
-                setattr(point, f"{name}_p50_s", round(percentile(samples, 0.5) or 0, 3))
-                setattr(point, f"{name}_p95_s", round(percentile(samples, 0.95) or 0, 3))
-    return [minutes[m] for m in sorted(minutes)]
+def _per_minute(by_minute: dict[datetime, rollup.Minute], first: datetime) -> list[MinuteStats]:
+    """The last hour a minute at a time, from the minute roll-ups: counts exact, p50 and
+    p95 estimated from each minute's histogram (``rollup.percentile_of``)."""
+    points = []
+    for i in range(CHART_MINUTES + 1):
+        at = first + timedelta(minutes=i)
+        minute = by_minute.get(at, rollup.Minute())
+        point = MinuteStats(minute=unix(at) or 0, completed=minute.completed, failed=minute.failed)
+        for name, buckets in (("queue_wait", minute.queue_wait), ("render", minute.render)):
+            for q, label in ((0.5, "p50"), (0.95, "p95")):
+                value = rollup.percentile_of(buckets, q)
+                setattr(point, f"{name}_{label}_s", round(value, 3) if value is not None else None)
+        points.append(point)
+    return points
 
 
 def _queue_depth(session: Session, now: datetime) -> list[QueueDepthSample]:
@@ -462,15 +440,18 @@ def collect(
     heartbeat_cutoff = now - timedelta(seconds=timeout_s)
     try:
         rollup.snapshot(session)  # the roll-ups and their pending events: one snapshot
-        every = rollup.job_counts(session)
+        pending = rollup.pending(session)
+        every = rollup.job_counts(session, None, pending)
         mine = Counter({key: n for key, n in every.items() if key[0] == tenant})
+        first = (now - timedelta(minutes=CHART_MINUTES)).replace(second=0, microsecond=0)
+        by_minute = rollup.minutes(session, first, tenant, pending)
         return DashboardData(
             tenant=tenant,
             generated_at=unix(now) or 0,
             heartbeat_timeout_s=timeout_s,
             counts=_counts(session, mine),
             pools=_pools(context, tenant, every),
-            throughput=_throughput(session, tenant, now),
+            throughput=_throughput(by_minute, now),
             run_time=_run_time(session, tenant, now),
             workers=_workers(session, tenant, heartbeat_cutoff),
             live_workers_all_tenants=_live_workers(session, heartbeat_cutoff),
@@ -478,7 +459,7 @@ def collect(
             jobs=_latest_jobs(session, tenant, status_filter, now),
             batches=_batches(session, tenant),
             charts=Charts(
-                per_minute=_per_minute(session, tenant, now),
+                per_minute=_per_minute(by_minute, first),
                 queue_depth=_queue_depth(session, now),
             ),
             fleet=fleet_view.fleet(session, context.settings, tenant, now),

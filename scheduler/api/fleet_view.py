@@ -2,10 +2,11 @@
 its last beat (``Worker.stats``: GPUs), the job it runs now, the jobs it finished and the
 part of the last ten minutes it spent rendering.
 
-Three bounded reads: the workers that beat lately (a row per consumer), the running jobs
-(the status index), and the jobs finished in the last ten minutes (``ix_jobs_finished``:
-the fleet's recent work, not the table). A tenant sees the workers running its jobs (and
-none of their other jobs' ids); an operator sees the whole fleet.
+Four bounded reads: the workers that beat lately (a row per consumer), the running jobs
+(the status index), the models their job processes hold, and the jobs finished in the last
+ten minutes (``ix_jobs_finished``: the fleet's recent work, not the table). A tenant sees
+the workers running its jobs (and none of their other jobs' ids); an operator sees the
+whole fleet.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fvb_core.db import fleet as registry
 from fvb_core.db.models import Job, Worker, utcnow
 from fvb_core.jobs import JobStatus
 from fvb_core.settings import Settings
@@ -86,6 +88,9 @@ def fleet(
             Job.finished_at >= since, Job.worker_id.is_not(None)
         )
     ).all()
+    workers = list(workers)
+    children = [w for worker in workers for w in (worker.stats or {}).get("job_workers", [])]
+    models = registry.loaded_models(session, children)
     by_job_worker: dict[str, list[Any]] = {}
     for row in running:
         by_job_worker.setdefault(row.worker_id or "", []).append(("running", row))
@@ -121,7 +126,9 @@ def fleet(
                 ),
                 heartbeat_at=unix(worker.heartbeat_at) or 0,
                 stale=worker.heartbeat_at < now - timedelta(seconds=settings.worker_timeout_s),
-                loaded_models=list(stats.get("loaded_models", [])),
+                loaded_models=sorted(
+                    {m for w in stats.get("job_workers", []) for m in models.get(w, [])}
+                ),
             )
         )
     return shown

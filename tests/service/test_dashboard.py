@@ -481,7 +481,7 @@ def test_another_tenant_sees_only_its_own_jobs_and_workers(client, keys, jobs):
 
 
 def test_table_holds_the_newest_50_in_the_same_few_queries(client, keys, settings, jobs):
-    """However many jobs a tenant has, one request is the key lookup plus 13 queries (the
+    """However many jobs a tenant has, one request is the key lookup plus 12 queries (the
     roll-ups and their pending events, index ranges, bounded selects)."""
     engine = get_engine(settings.database_url)
     statements: list[str] = []
@@ -511,7 +511,7 @@ def test_table_holds_the_newest_50_in_the_same_few_queries(client, keys, setting
         event.remove(engine, "before_cursor_execute", count)
         with session_scope(settings.database_url) as session:  # keep the pool totals exact
             session.execute(delete(Job).where(Job.tenant == "initech"))
-    assert len(statements) == few == 14
+    assert len(statements) == few == 13
     assert len(body["jobs"]) == 50
     assert body["counts"]["queued"] == 55
     created = [row["created_at"] for row in body["jobs"]]

@@ -121,6 +121,7 @@ def test_workers_report_their_gpus_through_the_beat_and_idle_ones_are_listed(cli
         session.commit()
         transitions.claim(session, job.id, "gpu-box:12:0")
         fleet.register_worker(session, "fvb-m-1-21@gpu-box", "metrics-pool", 1, "gpu-box", 21)
+        fleet.record_models(session, "gpu-box:12:0", ["wan-1.3b", "wan-14b"])
     samples = scrape(client, ops)
     labels = (("gpu", "0"), ("name", "NVIDIA H200"), ("worker", "fvb-m-0-11@gpu-box"))
     assert samples[("fvb_gpu_memory_used_bytes", labels)] == 1024 * 2**20
@@ -137,6 +138,7 @@ def test_workers_report_their_gpus_through_the_beat_and_idle_ones_are_listed(cli
     busy = shown["fvb-m-0-11@gpu-box"]
     assert busy.current_job is not None and busy.current_job.id == job.id
     assert busy.gpus[0].name == "NVIDIA H200" and not busy.stale
+    assert busy.loaded_models == ["wan-1.3b", "wan-14b"]
     assert shown["fvb-m-1-21@gpu-box"].current_job is None
     assert [w.worker_id for w in for_acme if w.pool == "metrics-pool"] == ["fvb-m-0-11@gpu-box"]
     assert not [w for w in for_globex if w.pool == "metrics-pool"]
@@ -176,3 +178,10 @@ def test_telemetry_reads_nvml_when_there_is_one(monkeypatch):
     }
     assert len(telemetry.gpu_stats(None)) == 2
     assert telemetry.collect(None, "cpu")["gpus"] == []
+
+
+def test_a_job_process_records_the_models_it_holds(in_process):
+    runner = in_process.runner()
+    in_process.run_all(runner, [in_process.submit(prompt="a kite over the dunes")])
+    with session_scope(in_process.settings.database_url) as session:
+        assert fleet.loaded_models(session, [runner.worker_id]) == {runner.worker_id: ["tiny"]}

@@ -161,3 +161,38 @@ def test_events_written_before_the_migration_fold_too(url):
         while rollup.fold(session):
             pass
     assert counts(url) == truth(url)
+
+
+def test_minutes_count_what_finished_in_each_minute(url):
+    history(url)
+    since = utcnow() - timedelta(minutes=5)
+    with session_scope(url) as session:
+        rollup.snapshot(session)
+        before = rollup.minutes(session, since, None, rollup.pending(session))
+    with session_scope(url) as session:
+        while rollup.fold(session, limit=4):
+            pass
+    with session_scope(url) as session:
+        rollup.snapshot(session)
+        after = rollup.minutes(session, since, None, rollup.pending(session))
+        acme = rollup.minutes(session, since, "acme", rollup.pending(session))
+
+    def total(found, name):
+        return sum(getattr(m, name) for m in found.values())
+
+    # 4 completed; failed: 2 + the deleted one + the retried one's first attempt.
+    assert (total(before, "completed"), total(before, "failed")) == (4, 4)
+    assert (total(after, "completed"), total(after, "failed")) == (4, 4)
+    assert (total(acme, "completed"), total(acme, "failed")) == (3, 4)
+    assert sum(sum(m.render) for m in after.values()) == 4
+
+
+def test_percentiles_from_buckets_interpolate_like_prometheus():
+    buckets = [0] * len(rollup.LATENCY_BUCKETS)
+    assert rollup.percentile_of(buckets, 0.5) is None
+    for seconds in (12, 15, 18, 25):  # buckets (10, 20] x3 and (20, 30] x1
+        buckets[rollup.bucket_of(seconds)] += 1
+    assert rollup.percentile_of(buckets, 0.5) == pytest.approx(10 + 10 * 2 / 3)
+    assert rollup.percentile_of(buckets, 1.0) == pytest.approx(30)
+    buckets[-1] += 10  # beyond the last bound: its lower bound is the answer
+    assert rollup.percentile_of(buckets, 0.99) == rollup.LATENCY_BUCKETS[-2]
