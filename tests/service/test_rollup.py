@@ -196,3 +196,17 @@ def test_percentiles_from_buckets_interpolate_like_prometheus():
     assert rollup.percentile_of(buckets, 1.0) == pytest.approx(30)
     buckets[-1] += 10  # beyond the last bound: its lower bound is the answer
     assert rollup.percentile_of(buckets, 0.99) == rollup.LATENCY_BUCKETS[-2]
+
+
+def test_the_scheduler_pass_folds_everything_and_samples_the_queues(url):
+    from fvb_core.settings import Settings
+    from scheduler.rollups import run_pass
+
+    history(url)
+    folded, minute = run_pass(Settings(database_url=url), {"m1": "small", "m2": "big"})
+    assert folded > 0 and minute is not None
+    with session_scope(url) as session:
+        assert rollup.pending_count(session) == 0
+        assert {s.pool for s in rollup.queue_samples(session, minute)} == {"small", "big"}
+    assert counts(url) == truth(url)
+    assert run_pass(Settings(database_url=url), {}, minute)[0] == 0  # nothing left
