@@ -23,7 +23,7 @@ from sqlalchemy import delete, event, update
 from fvb_core.api_keys import create_api_key, hash_key
 from fvb_core.db import transitions
 from fvb_core.db.migrate import upgrade
-from fvb_core.db.models import ApiKey, Batch, Job
+from fvb_core.db.models import ApiKey, Batch, Job, Worker, utcnow
 from fvb_core.db.session import get_engine, session_scope
 from fvb_core.settings import Settings
 from fvb_tools.localstack.ports import free_port
@@ -692,6 +692,22 @@ def test_me_says_whose_key_it_is(client, console):
         "operator": True,
     }
     assert client.get("/dashboard/me").status_code == 401
+
+
+def test_fleet_is_scoped_by_the_keys_role(client, console, settings):
+    with session_scope(settings.database_url) as session:
+        session.add(Worker(id="wk-idle", pool="default", host="h1", pid=1, heartbeat_at=utcnow()))
+    try:
+        tenant = client.get("/dashboard/fleet", headers=as_(console, "wayne")).json()
+        operator = client.get("/dashboard/fleet", headers=as_(console, "ops")).json()
+    finally:
+        with session_scope(settings.database_url) as session:
+            session.execute(delete(Worker).where(Worker.id == "wk-idle"))
+    # An idle worker runs none of wayne's jobs; an operator sees it.
+    assert (tenant["scope"], tenant["fleet"]) == ("wayne", [])
+    assert operator["scope"] is None
+    assert [w["worker_id"] for w in operator["fleet"]] == ["wk-idle"]
+    assert operator["fleet"][0]["current_job"] is None
 
 
 def test_jobs_list_is_the_tenants_own_newest_first(client, console):

@@ -23,13 +23,14 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from fvb_core.db.models import Batch
-from scheduler.api import dashboard_data, dashboard_jobs, dashboard_links, manifest
+from fvb_core.db.models import Batch, utcnow
+from scheduler.api import dashboard_data, dashboard_jobs, dashboard_links, fleet_view, manifest
 from scheduler.api.auth import CurrentPrincipal, Tenant
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.dashboard_data import DashboardData
 from scheduler.api.dashboard_jobs import JobDetail, JobPage, scope_of
 from scheduler.api.errors import ApiError
+from scheduler.api.fleet_view import FleetWorker
 from scheduler.api.openapi import errors
 from scheduler.api.session import SessionDep
 
@@ -109,6 +110,29 @@ class Me(BaseModel):
 def dashboard_me(principal: CurrentPrincipal) -> Me:
     """Who the key acts for: the page shows operators the tenant column and filter."""
     return Me(tenant=principal.tenant, operator=principal.operator)
+
+
+class Fleet(BaseModel):
+    generated_at: int
+    #: Whose: the tenant (the workers running its jobs), or None for an operator (all).
+    scope: str | None
+    fleet: list[FleetWorker]
+
+
+@router.get("/dashboard/fleet", response_model=Fleet)
+def dashboard_fleet(
+    principal: CurrentPrincipal, session: SessionDep, context: Context, response: Response
+) -> Fleet:
+    """The workers view: every live worker, idle ones too, for an operator; for a tenant,
+    those running its jobs (``fleet`` of ``/dashboard/data``, scoped by the key's role)."""
+    now = utcnow()
+    scope = scope_of(principal)
+    try:
+        workers = fleet_view.fleet(session, context.settings, scope, now)
+    finally:
+        session.commit()
+    response.headers.update(NO_STORE)
+    return Fleet(generated_at=int(now.timestamp()), scope=scope, fleet=workers)
 
 
 # --- jobs --------------------------------------------------------------------------------

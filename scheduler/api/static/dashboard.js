@@ -263,7 +263,8 @@
   // --- charts (SVG, drawn from the JSON) ---
   // series: [{name, color, values: [number|null per x], kind: "line"|"bar"}], xs: unix minutes
   function chart(container, xs, series, opts) {
-    const W = 480, H = 180, L = 40, R = 8, T = 8, B = 22;
+    // The drawing's width is the container's, so text and lines are never stretched.
+    const W = Math.max(240, Math.round(container.clientWidth || 480)), H = 180, L = 44, R = 10, T = 8, B = 22;
     const stacked = series.filter((s) => s.kind === "bar");
     let max = 0;
     xs.forEach((_, i) => {
@@ -277,16 +278,17 @@
     const span = Math.max(60, x1 - x0);
     const X = (x) => L + (W - L - R) * ((x - x0) / span);
     const Y = (y) => T + (H - T - B) * (1 - y / nice);
-    const root = svg("svg", { viewBox: "0 0 " + W + " " + H, preserveAspectRatio: "none", role: "img",
+    const root = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img",
       "aria-label": opts.label });
     for (let k = 0; k <= 4; k++) {
       const v = (nice * k) / 4;
       root.append(svg("line", { class: "grid", x1: L, x2: W - R, y1: Y(v), y2: Y(v) }));
       root.append(svg("text", { x: L - 4, y: Y(v) + 3, "text-anchor": "end" }, opts.format(v)));
     }
-    for (const x of [x0, x0 + span / 2, x0 + span]) {
-      root.append(svg("text", { x: X(x), y: H - 6, "text-anchor": "middle" }, fmtTime(x).slice(0, 5)));
-    }
+    [["start", x0], ["middle", x0 + span / 2], ["end", x0 + span]].forEach(([anchor, x]) => {
+      const d = new Date(x * 1000);
+      root.append(svg("text", { x: X(x), y: H - 6, "text-anchor": anchor }, pad(d.getHours()) + ":" + pad(d.getMinutes())));
+    });
     const barWidth = Math.max(1, ((W - L - R) / Math.max(1, span / 60)) * 0.8);
     xs.forEach((x, i) => {
       let base = 0;
@@ -330,6 +332,9 @@
     for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * exp) return m * exp;
     return 10 * exp;
   }
+  function fmtTick(v) {
+    return Number.isInteger(v) ? String(v) : v.toFixed(v < 1 ? 2 : 1);
+  }
   function chartEmpty(container, text) {
     container.replaceChildren(el("div", { class: "empty" }, text));
   }
@@ -349,7 +354,7 @@
       chart(tp, xs, [
         { name: "completed", color: "#1f9d55", kind: "bar", values: perMinute.map((m) => m.completed || 0) },
         { name: "failed", color: "#d64545", kind: "bar", values: perMinute.map((m) => m.failed || 0) },
-      ], { label: "completed and failed per minute", format: (v) => String(Math.round(v * 10) / 10), totals: true });
+      ], { label: "completed and failed per minute", format: fmtTick, totals: true });
       const pick = (field) => perMinute.map((m) => (m[field] === null || m[field] === undefined ? null : m[field]));
       const fields = ["queue_wait_p50_s", "queue_wait_p95_s", "render_p50_s", "render_p95_s"];
       if (fields.every((f) => pick(f).every((v) => v === null))) {
@@ -376,7 +381,7 @@
         for (const s of samples) if (s.pool === pool) values[index.get(s.minute)] = s.queued;
         return { name: pool, color: SERIES_COLORS[p % SERIES_COLORS.length], values };
       });
-      chart(depth, xs, series, { label: "queue depth per pool", format: (v) => String(Math.round(v)) });
+      chart(depth, xs, series, { label: "queue depth per pool", format: fmtTick });
     }
   }
 
@@ -629,7 +634,7 @@
       ? [el("div", { class: "panel-head" }, el("h2", null, "Negative prompt")), el("div", { class: "prompt-text" }, job.negative_prompt)] : []));
     const params = Object.entries(job.params).filter(([k]) => k !== "prompt" && k !== "negative_prompt");
     kvs($("job-params"), [
-      ["size", job.size], ["seconds", job.seconds], ...params.map(([k, v]) => [k, paramValue(v)]),
+      ["size", job.size], ...params.map(([k, v]) => [k, paramValue(v)]),
       ["priority", String(job.priority)], ["batch", job.batch_id || "–"], ["item key", job.item_key || "–"],
       ...Object.entries(job.result || {}).map(([k, v]) => ["result." + k, paramValue(v)]),
       ["output", job.output ? job.output.uri + " (" + fmtBytes(job.output.bytes) + ")" : "–"],
@@ -755,6 +760,8 @@
       await loadJob(signal);
     } else if (route.view === "batch") {
       await loadBatch(signal);
+    } else if (route.view === "workers") {
+      renderFleet(await get(BASE + "/fleet", signal));
     } else {
       const data = await get(DATA_URL, signal);
       if (route.view === "overview") {
@@ -764,8 +771,6 @@
         renderPools(data.pools);
       } else if (route.view === "batches") {
         renderBatches(data);
-      } else if (route.view === "workers") {
-        renderFleet(data);
       }
     }
   }
