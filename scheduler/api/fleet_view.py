@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fvb_core.db import fleet as registry
@@ -68,48 +68,63 @@ def _overlap(start: datetime | None, end: datetime, since: datetime) -> float:
     return max(0.0, (end - max(start, since)).total_seconds())
 
 
+def _busy_seconds(session: Session, since: datetime) -> Any:
+    """SQL: seconds of ``[max(started_at, since), finished_at]`` (the database does the sum)."""
+    start = (
+        func.max(Job.started_at, since)
+        if _sqlite(session)
+        else func.greatest(Job.started_at, since)
+    )
+    if _sqlite(session):
+        return (func.julianday(Job.finished_at) - func.julianday(start)) * 86400.0
+    return func.extract("epoch", Job.finished_at - start)
+
+
+def _sqlite(session: Session) -> bool:
+    return session.get_bind().dialect.name == "sqlite"
+
+
 def fleet(
     session: Session, settings: Settings, tenant: str | None, now: datetime | None = None
 ) -> list[FleetWorker]:
     now = now or utcnow()
     since = now - BUSY_WINDOW
-    workers = session.execute(
-        select(Worker)
-        .where(Worker.stopped_at.is_(None), Worker.heartbeat_at >= now - SHOWN_FOR)
-        .order_by(Worker.pool, Worker.id)
-    ).scalars()
-    running = session.execute(
+    workers = list(
+        session.execute(
+            select(Worker)
+            .where(Worker.stopped_at.is_(None), Worker.heartbeat_at >= now - SHOWN_FOR)
+            .order_by(Worker.pool, Worker.id)
+        ).scalars()
+    )
+    if not workers:
+        return []
+    children = [w for worker in workers for w in (worker.stats or {}).get("job_workers", [])]
+    running: dict[str, list[Any]] = {}
+    for row in session.execute(
         select(Job.id, Job.worker_id, Job.model, Job.progress, Job.tenant, Job.started_at).where(
             Job.status == JobStatus.RUNNING
         )
-    ).all()
-    finished = session.execute(
-        select(Job.worker_id, Job.started_at, Job.finished_at).where(
-            Job.finished_at >= since, Job.worker_id.is_not(None)
-        )
-    ).all()
-    workers = list(workers)
-    children = [w for worker in workers for w in (worker.stats or {}).get("job_workers", [])]
+    ).all():
+        running.setdefault(row.worker_id or "", []).append(row)
+    done: dict[str, tuple[int, float]] = {}
+    if children:
+        # Summed by the database over the last ten minutes' finishes of these processes.
+        for worker_id, count, seconds in session.execute(
+            select(Job.worker_id, func.count(), func.sum(_busy_seconds(session, since)))
+            .where(Job.finished_at >= since, Job.worker_id.in_(children))
+            .group_by(Job.worker_id)
+        ).all():
+            done[worker_id] = (count, float(seconds or 0.0))
     models = registry.loaded_models(session, children)
-    by_job_worker: dict[str, list[Any]] = {}
-    for row in running:
-        by_job_worker.setdefault(row.worker_id or "", []).append(("running", row))
-    for row in finished:
-        by_job_worker.setdefault(row.worker_id or "", []).append(("finished", row))
     shown = []
     for worker in workers:
         stats = worker.stats or {}
-        mine = [item for w in stats.get("job_workers", []) for item in by_job_worker.get(w, [])]
-        current = [row for kind, row in mine if kind == "running"]
+        processes = stats.get("job_workers", [])
+        current = [row for w in processes for row in running.get(w, [])]
         if tenant is not None and not any(row.tenant == tenant for row in current):
             continue
         busy = sum(_overlap(row.started_at, now, since) for row in current)
-        busy += sum(
-            _overlap(row.started_at, row.finished_at, since)
-            for kind, row in mine
-            if kind == "finished"
-        )
-        processes = max(1, len(stats.get("job_workers", [])))
+        busy += sum(done.get(w, (0, 0.0))[1] for w in processes)
         job = next((row for row in current if tenant is None or row.tenant == tenant), None)
         shown.append(
             FleetWorker(
@@ -120,15 +135,13 @@ def fleet(
                 current_job=CurrentJob(id=job.id, model=job.model, progress=job.progress or 0)
                 if job is not None
                 else None,
-                jobs_done=sum(1 for kind, _ in mine if kind == "finished"),
+                jobs_done=sum(done.get(w, (0, 0.0))[0] for w in processes),
                 busy_fraction_10m=round(
-                    min(1.0, busy / (BUSY_WINDOW.total_seconds() * processes)), 4
+                    min(1.0, busy / (BUSY_WINDOW.total_seconds() * max(1, len(processes)))), 4
                 ),
                 heartbeat_at=unix(worker.heartbeat_at) or 0,
                 stale=worker.heartbeat_at < now - timedelta(seconds=settings.worker_timeout_s),
-                loaded_models=sorted(
-                    {m for w in stats.get("job_workers", []) for m in models.get(w, [])}
-                ),
+                loaded_models=sorted({m for w in processes for m in models.get(w, [])}),
             )
         )
     return shown

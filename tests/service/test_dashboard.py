@@ -511,7 +511,7 @@ def test_table_holds_the_newest_50_in_the_same_few_queries(client, keys, setting
         event.remove(engine, "before_cursor_execute", count)
         with session_scope(settings.database_url) as session:  # keep the pool totals exact
             session.execute(delete(Job).where(Job.tenant == "initech"))
-    assert len(statements) == few == 13
+    assert len(statements) == few <= 13  # the fleet adds its reads only when workers beat
     assert len(body["jobs"]) == 50
     assert body["counts"]["queued"] == 55
     created = [row["created_at"] for row in body["jobs"]]

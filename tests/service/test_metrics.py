@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from fvb_core.api_keys import create_api_key
 from fvb_core.db import fleet, rollup, transitions
@@ -118,7 +118,19 @@ def test_workers_report_their_gpus_through_the_beat_and_idle_ones_are_listed(cli
             session, "fvb-m-0-11@gpu-box", {"gpus": [GPU], "job_workers": ["gpu-box:12:0"]}
         )
         job = transitions.create_job(session, Job(tenant="acme", model=T2V, params={}))
+        earlier = transitions.create_job(session, Job(tenant="acme", model=T2V, params={}))
         session.commit()
+        attempt = transitions.claim(session, earlier.id, "gpu-box:12:0").attempt
+        assert transitions.succeed(session, earlier.id, attempt, "videos/x.mp4", 1, "0" * 64)
+        # It rendered for two minutes, five minutes ago.
+        session.execute(
+            update(Job)
+            .where(Job.id == earlier.id)
+            .values(
+                started_at=utcnow() - timedelta(minutes=7),
+                finished_at=utcnow() - timedelta(minutes=5),
+            )
+        )
         transitions.claim(session, job.id, "gpu-box:12:0")
         fleet.register_worker(session, "fvb-m-1-21@gpu-box", "metrics-pool", 1, "gpu-box", 21)
         fleet.record_models(session, "gpu-box:12:0", ["wan-1.3b", "wan-14b"])
@@ -139,6 +151,9 @@ def test_workers_report_their_gpus_through_the_beat_and_idle_ones_are_listed(cli
     assert busy.current_job is not None and busy.current_job.id == job.id
     assert busy.gpus[0].name == "NVIDIA H200" and not busy.stale
     assert busy.loaded_models == ["wan-1.3b", "wan-14b"]
+    assert busy.jobs_done == 1 and 0.2 <= busy.busy_fraction_10m < 0.25  # 120 s + the running
+    assert shown["fvb-m-1-21@gpu-box"].jobs_done == 0
+    assert shown["fvb-m-1-21@gpu-box"].busy_fraction_10m == 0
     assert shown["fvb-m-1-21@gpu-box"].current_job is None
     assert [w.worker_id for w in for_acme if w.pool == "metrics-pool"] == ["fvb-m-0-11@gpu-box"]
     assert not [w for w in for_globex if w.pool == "metrics-pool"]

@@ -210,3 +210,27 @@ def test_the_scheduler_pass_folds_everything_and_samples_the_queues(url):
         assert {s.pool for s in rollup.queue_samples(session, minute)} == {"small", "big"}
     assert counts(url) == truth(url)
     assert run_pass(Settings(database_url=url), {}, minute)[0] == 0  # nothing left
+
+
+def test_the_fleet_sums_its_workers_busy_time_in_the_database(url):
+    from sqlalchemy import update
+
+    from fvb_core.db import fleet
+    from fvb_core.settings import Settings
+    from scheduler.api import fleet_view
+
+    now = utcnow()
+    with session_scope(url) as session:
+        fleet.register_worker(session, "fvb-p-0-1@box", "p", 1, "box", 1)
+        fleet.beat_worker(session, "fvb-p-0-1@box", {"gpus": [], "job_workers": ["box:2:0"]})
+        job_id = transitions.create_job(session, Job(tenant="acme", model="m1", params={})).id
+        transitions.claim(session, job_id, "box:2:0")
+        transitions.succeed(session, job_id, 1, "videos/x.mp4", 1, "0" * 64)
+        session.execute(
+            update(Job)  # rendered 11 to 8 minutes ago: 2 of those minutes in the window
+            .where(Job.id == job_id)
+            .values(started_at=now - timedelta(minutes=11), finished_at=now - timedelta(minutes=8))
+        )
+    with session_scope(url) as session:
+        (worker,) = fleet_view.fleet(session, Settings(database_url=url), None, now)
+    assert worker.jobs_done == 1 and worker.busy_fraction_10m == pytest.approx(0.2, abs=0.01)
