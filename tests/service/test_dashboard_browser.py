@@ -35,8 +35,9 @@ pytestmark = pytest.mark.timeout(900)
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 WEIGHTS = Path("transformer") / "diffusion_pytorch_model.safetensors"
 FAST = {"size": "64x64", "seconds": "1", "fps": 8, "num_inference_steps": 2}
-#: Long enough on a CPU to be seen running (it is cancelled from the page once it is).
-SLOW = {"size": "64x64", "seconds": "4", "fps": 8, "num_inference_steps": 50}
+#: Minutes on a CPU: it is seen running, then cancelled from the page,
+#: which stops it at its next step.
+SLOW = {"size": "256x256", "seconds": "4", "fps": 8, "num_inference_steps": 100}
 
 
 def _install_chromium() -> None:
