@@ -79,7 +79,31 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_status_priority_created", "status", "priority", "created_at"),
-        Index("ix_jobs_tenant_created", "tenant", "created_at"),
+        # The lists, newest first, keyset-paged by (created_at, id): a tenant's (the API's
+        # and the console's), a batch's, and every tenant's (an operator's console).
+        Index(
+            "ix_jobs_tenant_listed",
+            "tenant",
+            "created_at",
+            "id",
+            sqlite_where=text(LIVE),
+            postgresql_where=text(LIVE),
+        ),
+        Index(
+            "ix_jobs_batch_listed",
+            "batch_id",
+            "created_at",
+            "id",
+            sqlite_where=text(LIVE),
+            postgresql_where=text(LIVE),
+        ),
+        Index(
+            "ix_jobs_listed",
+            "created_at",
+            "id",
+            sqlite_where=text(LIVE),
+            postgresql_where=text(LIVE),
+        ),
         # The scheduler's two questions, each over a partial index so its cost follows what
         # it asks for, not the size of the table: which jobs of a pool wait to be released
         # (per tenant, best first), and which are released but not yet claimed.

@@ -20,6 +20,13 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+LIVE = "deleted_at IS NULL"
+LISTS = {
+    "ix_jobs_tenant_listed": ["tenant", "created_at", "id"],
+    "ix_jobs_batch_listed": ["batch_id", "created_at", "id"],
+    "ix_jobs_listed": ["created_at", "id"],
+}
+
 
 def upgrade() -> None:
     with op.batch_alter_table("job_events", schema=None) as batch_op:
@@ -36,6 +43,12 @@ def upgrade() -> None:
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.add_column(sa.Column("stats", sa.JSON(), nullable=True))
     op.create_index("ix_jobs_finished", "jobs", ["finished_at"])
+    # The lists keyset-paged by (created_at, id), deleted videos left out (the console's).
+    op.drop_index("ix_jobs_tenant_created", table_name="jobs")
+    for name, columns in LISTS.items():
+        op.create_index(
+            name, "jobs", columns, sqlite_where=sa.text(LIVE), postgresql_where=sa.text(LIVE)
+        )
     op.create_table(
         "worker_models",
         sa.Column("job_worker_id", sa.String(length=255), primary_key=True),
@@ -99,6 +112,9 @@ def downgrade() -> None:
     op.drop_table("job_outcomes")
     op.drop_table("job_counts")
     op.drop_index("ix_jobs_finished", table_name="jobs")
+    for name in LISTS:
+        op.drop_index(name, table_name="jobs")
+    op.create_index("ix_jobs_tenant_created", "jobs", ["tenant", "created_at"])
     op.drop_table("worker_models")
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.drop_column("stats")

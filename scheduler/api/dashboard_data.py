@@ -106,6 +106,7 @@ class Worker(BaseModel):
 
 class JobRow(BaseModel):
     id: str
+    tenant: str
     model: str
     #: The API status; ``state`` tells a cancelled job from a failed one.
     status: ApiStatus
@@ -150,6 +151,8 @@ class Charts(BaseModel):
 
 class DashboardData(BaseModel):
     tenant: str
+    #: An operator's view: the numbers, jobs, batches and workers of every tenant.
+    every_tenant: bool = False
     generated_at: int
     heartbeat_timeout_s: float
     counts: StatusCounts
@@ -241,13 +244,18 @@ def _throughput(by_minute: dict[datetime, rollup.Minute], now: datetime) -> list
     return result
 
 
-def _run_time(session: Session, tenant: str, now: datetime) -> RunTime:
+def _mine(tenant: str | None) -> list:
+    """The tenant filter (none for an operator's view of every tenant)."""
+    return [] if tenant is None else [Job.tenant == tenant]
+
+
+def _run_time(session: Session, tenant: str | None, now: datetime) -> RunTime:
     """Exact median and p95 of the window's latest ``RUN_TIME_SAMPLES`` successes (an
     index walk back from now, bounded however many finish an hour)."""
     rows = session.execute(
         select(Job.started_at, Job.finished_at)
         .where(
-            Job.tenant == tenant,
+            *_mine(tenant),
             Job.finished_at >= now - timedelta(minutes=RUN_TIME_WINDOW_MIN),
             Job.status == JobStatus.SUCCEEDED,
             Job.started_at.is_not(None),
@@ -267,7 +275,7 @@ def _run_time(session: Session, tenant: str, now: datetime) -> RunTime:
     )
 
 
-def _workers(session: Session, tenant: str, cutoff: datetime) -> list[Worker]:
+def _workers(session: Session, tenant: str | None, cutoff: datetime) -> list[Worker]:
     rows = session.execute(
         select(
             Job.worker_id,
@@ -280,7 +288,7 @@ def _workers(session: Session, tenant: str, cutoff: datetime) -> list[Worker]:
             Job.cancel_requested,
         )
         .where(
-            Job.tenant == tenant,
+            *_mine(tenant),
             Job.status == JobStatus.RUNNING,
             Job.worker_id.is_not(None),
             Job.heartbeat_at >= cutoff,
@@ -318,10 +326,11 @@ def _live_workers(session: Session, cutoff: datetime) -> int:
 
 
 def _latest_jobs(
-    session: Session, tenant: str, status_filter: str | None, now: datetime
+    session: Session, tenant: str | None, status_filter: str | None, now: datetime
 ) -> list[JobRow]:
     query = select(
         Job.id,
+        Job.tenant,
         Job.model,
         Job.status,
         Job.progress,
@@ -334,7 +343,7 @@ def _latest_jobs(
         Job.error_code,
         Job.cancel_requested,
         Job.worker_id,
-    ).where(Job.tenant == tenant, Job.deleted_at.is_(None))
+    ).where(*_mine(tenant), Job.deleted_at.is_(None))
     if status_filter is not None:
         query = query.where(Job.status.in_(STATUS_FILTERS[status_filter]))
     rows = session.execute(
@@ -351,6 +360,7 @@ def _latest_jobs(
         table.append(
             JobRow(
                 id=row.id,
+                tenant=row.tenant,
                 model=row.model,
                 status=API_STATUS[row.status],
                 state=row.status,
@@ -370,12 +380,12 @@ def _latest_jobs(
     return table
 
 
-def _batches(session: Session, tenant: str) -> list[BatchObject]:
+def _batches(session: Session, tenant: str | None) -> list[BatchObject]:
     """The newest LATEST_BATCHES batches with their videos counted by status, in one query
     (grouped by the batch's primary key, which the other batch columns depend on)."""
     latest = (
         select(Batch.id)
-        .where(Batch.tenant == tenant)
+        .where(*([] if tenant is None else [Batch.tenant == tenant]))
         .order_by(Batch.created_at.desc(), Batch.id.desc())
         .limit(LATEST_BATCHES)
         .subquery()
@@ -431,10 +441,15 @@ def _queue_depth(session: Session, now: datetime) -> list[QueueDepthSample]:
 
 
 def collect(
-    session: Session, context: ApiContext, tenant: str, status_filter: str | None = None
+    session: Session,
+    context: ApiContext,
+    tenant: str,
+    status_filter: str | None = None,
+    every_tenant: bool = False,
 ) -> DashboardData:
-    """Everything the dashboard shows `tenant`, as of now (one read, in the request's
-    session)."""
+    """Everything the dashboard shows `tenant` (``every_tenant``: an operator's view of the
+    whole service), as of now (one read, in the request's session)."""
+    shown = None if every_tenant else tenant
     now = utcnow()
     timeout_s = context.settings.heartbeat_timeout_s
     heartbeat_cutoff = now - timedelta(seconds=timeout_s)
@@ -442,27 +457,28 @@ def collect(
         rollup.snapshot(session)  # the roll-ups and their pending events: one snapshot
         pending = rollup.pending(session)
         every = rollup.job_counts(session, None, pending)
-        mine = Counter({key: n for key, n in every.items() if key[0] == tenant})
+        mine = Counter({k: n for k, n in every.items() if shown is None or k[0] == shown})
         first = (now - timedelta(minutes=CHART_MINUTES)).replace(second=0, microsecond=0)
-        by_minute = rollup.minutes(session, first, tenant, pending)
+        by_minute = rollup.minutes(session, first, shown, pending)
         return DashboardData(
             tenant=tenant,
+            every_tenant=every_tenant,
             generated_at=unix(now) or 0,
             heartbeat_timeout_s=timeout_s,
             counts=_counts(session, mine),
-            pools=_pools(context, tenant, every),
+            pools=_pools(context, shown, every),
             throughput=_throughput(by_minute, now),
-            run_time=_run_time(session, tenant, now),
-            workers=_workers(session, tenant, heartbeat_cutoff),
+            run_time=_run_time(session, shown, now),
+            workers=_workers(session, shown, heartbeat_cutoff),
             live_workers_all_tenants=_live_workers(session, heartbeat_cutoff),
             status_filter=status_filter,
-            jobs=_latest_jobs(session, tenant, status_filter, now),
-            batches=_batches(session, tenant),
+            jobs=_latest_jobs(session, shown, status_filter, now),
+            batches=_batches(session, shown),
             charts=Charts(
                 per_minute=_per_minute(by_minute, first),
                 queue_depth=_queue_depth(session, now),
             ),
-            fleet=fleet_view.fleet(session, context.settings, tenant, now),
+            fleet=fleet_view.fleet(session, context.settings, shown, now),
         )
     finally:
         session.commit()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, event, update
+from sqlalchemy import delete, event, func, select, update
 
 from fvb_core.api_keys import create_api_key, hash_key
 from fvb_core.db import transitions
@@ -407,6 +407,7 @@ def test_table_lists_newest_first_with_api_statuses_and_durations(client, keys, 
     first_run = next(row for row in body["jobs"] if row["id"] == jobs["run_b"])
     assert first_run == {
         "id": jobs["run_b"],
+        "tenant": "acme",
         "model": T2V,
         "status": "in_progress",
         "state": "running",
@@ -1121,3 +1122,20 @@ def test_range_outside_the_video_is_416():
         parse_range("bytes=100-", 100)
     assert caught.value.status == 416
     assert caught.value.headers == {"Content-Range": "bytes */100"}
+
+
+def test_an_operator_key_sees_every_tenant_on_the_overview(client, settings, jobs):
+    with session_scope(settings.database_url) as session:
+        key = create_api_key(session, "ops-overview", operator=True)
+    response = client.get("/dashboard/data", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["every_tenant"] is True
+    with session_scope(settings.database_url) as session:
+        listed = session.execute(
+            select(func.count()).select_from(Job).where(Job.deleted_at.is_(None))
+        ).scalar_one()
+    assert body["counts"]["total"] == listed
+    shown = {row["id"]: row["tenant"] for row in body["jobs"]}
+    assert shown[jobs["g_queued"]] == "globex" and shown[jobs["ok_c"]] == "acme"
+    assert all(pool["yours_queued"] == pool["queued"] for pool in body["pools"])

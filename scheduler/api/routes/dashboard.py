@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from fvb_core.db.models import Batch, utcnow
 from scheduler.api import dashboard_data, dashboard_jobs, dashboard_links, fleet_view, manifest
-from scheduler.api.auth import CurrentPrincipal, Tenant
+from scheduler.api.auth import CurrentPrincipal
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.dashboard_data import DashboardData
 from scheduler.api.dashboard_jobs import JobDetail, JobPage, scope_of
@@ -88,7 +88,7 @@ def dashboard_asset(name: str) -> Response:
 
 @router.get("/dashboard/data", response_model=DashboardData, responses=errors(400))
 def dashboard_json(
-    tenant: Tenant,
+    principal: CurrentPrincipal,
     session: SessionDep,
     context: Context,
     response: Response,
@@ -98,7 +98,10 @@ def dashboard_json(
 ) -> DashboardData:
     status_filter = dashboard_data.parse_status_filter(status)
     response.headers.update(NO_STORE)
-    return dashboard_data.collect(session, context, tenant, status_filter)
+    # An operator's key sees the whole service; a tenant's its own.
+    return dashboard_data.collect(
+        session, context, principal.tenant, status_filter, every_tenant=principal.operator
+    )
 
 
 class Me(BaseModel):
