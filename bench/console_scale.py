@@ -179,6 +179,8 @@ def endpoints(batch_id: str) -> list[tuple[str, str]]:
         ("tenant", "/dashboard/jobs/video_h00000000000000000000003"),
         ("operator", "/dashboard/data"),
         ("tenant", "/dashboard/me"),
+        ("tenant", "/dashboard/fleet"),
+        ("operator", "/dashboard/fleet"),
     ]
 
 
