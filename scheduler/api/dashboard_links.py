@@ -19,9 +19,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -37,6 +36,7 @@ from fvb_core.storage import ObjectMissing, StorageUnavailable
 from scheduler.api import auth
 from scheduler.api.context import ApiContext
 from scheduler.api.errors import ApiError
+from scheduler.api.release_once import ReleaseOnce
 
 #: How long a link works; the page asks for a new one each time it opens a job.
 LINK_TTL_S = 900
@@ -144,20 +144,6 @@ def parse_range(header: str | None, size: int | None) -> tuple[int, int] | None:
     return start, end
 
 
-class _Once:
-    """A release called at the body's end or by the background task, whichever is first."""
-
-    def __init__(self, release: Callable[[], None]) -> None:
-        self._release: Callable[[], None] | None = release
-        self._lock = threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            release, self._release = self._release, None
-        if release is not None:
-            release()
-
-
 def stream(
     context: ApiContext,
     key: str,
@@ -168,7 +154,7 @@ def stream(
 ) -> StreamingResponse:
     """The stored object ``key`` (``size`` bytes), whole or the one range asked for."""
     byte_range = parse_range(range_header, size)
-    release = _Once(context.take_download_slot())
+    release = ReleaseOnce(context.take_download_slot())
     try:
         length, chunks = context.store.open(key, byte_range=byte_range)
     except ObjectMissing as err:

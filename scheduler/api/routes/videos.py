@@ -10,7 +10,6 @@ Empty query parameters (``?after=&batch_id=``) mean "not given", as most clients
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
@@ -27,6 +26,7 @@ from scheduler.api.context import ApiContext, get_context
 from scheduler.api.errors import ApiError
 from scheduler.api.openapi import CREATE_VIDEO_BODY, errors
 from scheduler.api.pagination import LIMIT_RANGE, check_limit
+from scheduler.api.release_once import ReleaseOnce
 from scheduler.api.schemas import (
     JOB_STATUSES,
     VideoDeleted,
@@ -142,20 +142,6 @@ def _expired(job: Job) -> ApiError:
     )
 
 
-class _Once:
-    """A release that may be called from several places (body end, background task) once."""
-
-    def __init__(self, release: Callable[[], None]) -> None:
-        self._release: Callable[[], None] | None = release
-        self._lock = threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            release, self._release = self._release, None
-        if release is not None:
-            release()
-
-
 @router.get(
     "/videos/{video_id}/content",
     response_class=Response,
@@ -191,7 +177,7 @@ def download_video(
     key = key_of(job)
     if redirect:
         return RedirectResponse(context.store.presigned_get_url(key), 307)
-    release = _Once(context.take_download_slot())
+    release = ReleaseOnce(context.take_download_slot())
     try:
         size, chunks = context.store.open(key)
     except ObjectMissing as err:
