@@ -1139,3 +1139,28 @@ def test_an_operator_key_sees_every_tenant_on_the_overview(client, settings, job
     shown = {row["id"]: row["tenant"] for row in body["jobs"]}
     assert shown[jobs["g_queued"]] == "globex" and shown[jobs["ok_c"]] == "acme"
     assert all(pool["yours_queued"] == pool["queued"] for pool in body["pools"])
+
+
+def test_an_operator_acts_on_another_tenants_batch(client, console, settings):
+    with session_scope(settings.database_url) as session:
+        session.add(Batch(id="batch_stark_ops", tenant="stark"))
+        session.flush()
+        job = Job(tenant="stark", model=T2V, params={"prompt": "p"}, batch_id="batch_stark_ops")
+        job_id = transitions.create_job(session, job).id
+    ops = {"Authorization": f"Bearer {console.keys['ops']}"}
+    wayne = {"Authorization": f"Bearer {console.keys['wayne']}"}
+    stark = {"Authorization": f"Bearer {console.keys['stark']}"}
+    path = "/dashboard/batches/batch_stark_ops"
+    for headers in (ops, stark):
+        seen = client.get(path, headers=headers)
+        assert seen.status_code == 200, seen.text
+        assert seen.json()["request_counts"]["queued"] == 1 and "progress" in seen.json()
+    assert client.get(path, headers=wayne).status_code == 404
+    assert client.post(f"{path}/cancel", headers=wayne).status_code == 404
+    retried = client.post(f"{path}/retry_failed", headers=ops)
+    assert retried.status_code == 200 and retried.json()["retried"] == []
+    cancelled = client.post(f"{path}/cancel", headers=ops)
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, job_id).status == "cancelled"

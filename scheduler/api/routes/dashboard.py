@@ -24,14 +24,22 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from fvb_core.db.models import Batch, utcnow
-from scheduler.api import dashboard_data, dashboard_jobs, dashboard_links, fleet_view, manifest
-from scheduler.api.auth import CurrentPrincipal
+from scheduler.api import (
+    batches,
+    dashboard_data,
+    dashboard_jobs,
+    dashboard_links,
+    fleet_view,
+    manifest,
+)
+from scheduler.api.auth import CurrentPrincipal, Principal
 from scheduler.api.context import ApiContext, get_context
 from scheduler.api.dashboard_data import DashboardData
 from scheduler.api.dashboard_jobs import JobDetail, JobPage, scope_of
 from scheduler.api.errors import ApiError
 from scheduler.api.fleet_view import FleetWorker
 from scheduler.api.openapi import errors
+from scheduler.api.schemas import BatchObject, BatchRetried
 from scheduler.api.session import SessionDep
 
 router = APIRouter(tags=["dashboard"], responses=errors(401, 403, 429, 500, 503))
@@ -280,6 +288,53 @@ def _batch(session: SessionDep, scope: str | None, batch_id: str) -> Batch:
     if batch is None:
         raise ApiError.not_found(f"No batch found with id '{batch_id}'", "batch_id")
     return batch
+
+
+def _batch_owner(session: SessionDep, principal: Principal, batch_id: str) -> Principal:
+    """Who acts on the batch: the key's own tenant, or, for an operator, the batch's tenant
+    (admitted under the deployment's limit, as a retry of another tenant's video is)."""
+    batch = _batch(session, scope_of(principal), batch_id)
+    return principal if batch.tenant == principal.tenant else Principal(batch.tenant)
+
+
+@router.get("/dashboard/batches/{batch_id}", response_model=BatchObject, responses=errors(404))
+def dashboard_batch(batch_id: str, principal: CurrentPrincipal, session: SessionDep) -> BatchObject:
+    """``GET /v1/batches/{id}``, and for an operator any tenant's batch."""
+    owner = _batch_owner(session, principal, batch_id)
+    batch = batches.get(session, owner.tenant, batch_id)
+    counts = batches.counts(session, batch.id)
+    return BatchObject.from_batch(batch, counts, batches.progress(session, batch.id, counts))
+
+
+@router.post(
+    "/dashboard/batches/{batch_id}/cancel", response_model=BatchObject, responses=errors(404)
+)
+def dashboard_batch_cancel(
+    batch_id: str, principal: CurrentPrincipal, session: SessionDep
+) -> BatchObject:
+    owner = _batch_owner(session, principal, batch_id)
+    batch = batches.cancel(session, owner.tenant, batch_id)
+    return BatchObject.from_batch(batch, batches.counts(session, batch.id))
+
+
+@router.post(
+    "/dashboard/batches/{batch_id}/retry_failed",
+    response_model=BatchRetried,
+    responses=errors(400, 404, 409, 429),
+)
+def dashboard_batch_retry_failed(
+    batch_id: str,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    context: Context,
+    code: Annotated[str | None, Query(description="only videos that failed with it")] = None,
+) -> BatchRetried:
+    """``POST /v1/batches/{id}/retry_failed``, and for an operator any tenant's batch."""
+    owner = _batch_owner(session, principal, batch_id)
+    retried = batches.retry_failed(session, context, owner, batch_id, code)
+    batch = batches.get(session, owner.tenant, batch_id)
+    counts = batches.counts(session, batch_id)
+    return BatchRetried(**BatchObject.from_batch(batch, counts).model_dump(), retried=retried)
 
 
 @router.post(

@@ -466,7 +466,7 @@
   }
   async function loadBatch(signal) {
     const id = route.id;
-    const b = await get(API_ROOT + "/v1/batches/" + encodeURIComponent(id), signal);
+    const b = await get(BASE + "/batches/" + encodeURIComponent(id), signal);
     if (route.view !== "batch" || route.id !== id) return;
     const c = b.request_counts;
     const finished = c.completed + c.failed + c.cancelled;
@@ -714,7 +714,7 @@
   async function batchAction(action) {
     const id = route.id;
     try {
-      await post(API_ROOT + "/v1/batches/" + encodeURIComponent(id) + "/" + action);
+      await post(BASE + "/batches/" + encodeURIComponent(id) + "/" + action);
       banner(null);
       refresh();
     } catch (err) {
