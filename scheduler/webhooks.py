@@ -40,6 +40,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from fvb_core.db import outbox
 from fvb_core.db.models import Webhook, WebhookEvent, utcnow
 from fvb_core.db.session import session_scope
 from fvb_core.settings import Settings
@@ -254,11 +255,13 @@ def _record(
             values["given_up_at"] = now
             kind = "given_up"
     with session_scope(settings.database_url) as session:
-        session.execute(
+        written = session.execute(
             update(WebhookEvent)
             .where(WebhookEvent.id == event.id, WebhookEvent.delivered_at.is_(None))
             .values(**values)
-        )
+        ).rowcount
+        if written and (outcome is not None or kind == "given_up"):  # an attempt, or the end
+            outbox.count_delivery(session, kind)
     return kind
 
 

@@ -422,3 +422,13 @@ class QueueSample(Base):
     pool: Mapped[str] = mapped_column(String(64), primary_key=True)
     queued: Mapped[int] = mapped_column(BigInteger, default=0)
     running: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class WebhookCount(Base):
+    """Webhook delivery attempts by outcome (delivered, failed, given_up), counted by the
+    delivery pass as it records them: /metrics' ``fvb_webhook_deliveries_total``."""
+
+    __tablename__ = "webhook_counts"
+
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)

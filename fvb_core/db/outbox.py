@@ -35,7 +35,7 @@ from sqlalchemy import exists, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from fvb_core.db.models import Batch, Job, Webhook, WebhookEvent, utcnow
+from fvb_core.db.models import Batch, Job, Webhook, WebhookCount, WebhookEvent, utcnow
 from fvb_core.jobs import FINAL_STATUSES, UNFINISHED_STATUSES, BatchStatus, JobStatus
 
 VIDEO_COMPLETED = "video.completed"
@@ -220,3 +220,20 @@ def job_finished(session: Session, finished: Iterable[tuple[str, str]]) -> None:
         key = f"{BATCH_COMPLETED}:{batch_id}:{data.pop('_completion')}"
         rows += [_row(hook.id, BATCH_COMPLETED, key, data, now) for hook in batches[batch_id]]
     insert_events(session, rows)
+
+
+def count_delivery(session: Session, outcome: str) -> None:
+    """One delivery attempt's outcome (delivered, failed, given_up) added to its counter."""
+    upsert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[
+        session.get_bind().dialect.name
+    ]
+    statement = upsert(WebhookCount).values(outcome=outcome, n=1)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[WebhookCount.outcome], set_={"n": WebhookCount.n + 1}
+        )
+    )
+
+
+def delivery_counts(session: Session) -> dict[str, int]:
+    return dict(session.execute(select(WebhookCount.outcome, WebhookCount.n)).all())

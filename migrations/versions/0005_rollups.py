@@ -90,6 +90,11 @@ def upgrade() -> None:
         sa.Column("render", sa.JSON(), nullable=False),
     )
     op.create_table(
+        "webhook_counts",
+        sa.Column("outcome", sa.String(length=16), primary_key=True),
+        sa.Column("n", sa.BigInteger(), nullable=False),
+    )
+    op.create_table(
         "queue_samples",
         sa.Column("minute", sa.DateTime(timezone=True), primary_key=True),
         sa.Column("pool", sa.String(length=64), primary_key=True),
@@ -107,6 +112,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DELETE FROM job_events WHERE detail = 'deleted'")
     op.drop_table("queue_samples")
+    op.drop_table("webhook_counts")
     op.drop_table("job_minutes")
     op.drop_table("job_latency")
     op.drop_table("job_outcomes")

@@ -24,7 +24,7 @@ from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fvb_core.db import rollup
+from fvb_core.db import outbox, rollup
 from fvb_core.db.models import WebhookEvent
 from fvb_core.db.session import session_scope
 from fvb_core.jobs import JobStatus
@@ -53,6 +53,7 @@ class JobsCollector(Collector):
                 latency = rollup.latency(session, pending)
                 lag = rollup.pending_count(session)
                 workers = fleet_view.fleet(session, self.context.settings, None)
+                delivered = outbox.delivery_counts(session)
                 webhooks = session.execute(
                     select(func.count())
                     .select_from(WebhookEvent)
@@ -73,6 +74,14 @@ class JobsCollector(Collector):
         due = GaugeMetricFamily("fvb_webhook_events_pending", "Webhook events not delivered yet")
         due.add_metric([], webhooks)
         yield due
+        deliveries = CounterMetricFamily(
+            "fvb_webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, failed; given_up: events dropped)",
+            labels=["outcome"],
+        )
+        for outcome in ("delivered", "failed", "given_up"):
+            deliveries.add_metric([outcome], delivered.get(outcome, 0))
+        yield deliveries
 
     def _jobs(self, counts: Tally) -> Iterable[Any]:
         jobs = GaugeMetricFamily(

@@ -109,6 +109,7 @@ def test_job_series_and_histograms_match_the_database(client, ops, settings, fol
     assert samples[("fvb_job_render_seconds_bucket", (("le", "+Inf"), ("model", model)))] == 3
     assert samples[("fvb_job_queue_wait_seconds_count", (("model", model),))] == 3
     assert samples[("fvb_rollup_pending_events", ())] >= 0
+    assert ("fvb_webhook_deliveries_total", (("outcome", "delivered"),)) in samples
 
 
 def test_workers_report_their_gpus_through_the_beat_and_idle_ones_are_listed(client, ops, settings):

@@ -180,9 +180,15 @@ def wait_for(check, timeout: float, what: str) -> None:
 # -- at least once, de-duplicated by id, signed --------------------------------------------
 
 
+def delivery_counts(url: str) -> dict[str, int]:
+    with session_scope(url) as session:
+        return outbox.delivery_counts(session)
+
+
 def test_refusing_receiver_gets_every_event_once_by_id_signed(client, settings, tenant):
     _, headers = tenant
     refusals = 3
+    before = delivery_counts(settings.database_url)
     with Receiver(lambda n: 503 if n <= refusals else 200) as r:
         hook = register(client, headers, r.url)
         listed = client.get("/v1/webhooks", headers=headers).json()["data"]
@@ -221,6 +227,9 @@ def test_refusing_receiver_gets_every_event_once_by_id_signed(client, settings, 
     assert {i: sent.count(i) for i in rows} == {i: row.attempts for i, row in rows.items()}
     assert len(sent) == 5 + refusals and max(row.attempts for row in rows.values()) > 1
     assert all(row.delivered_at and not row.given_up_at for row in rows.values())
+    after = delivery_counts(settings.database_url)  # what /metrics exports
+    assert after.get("delivered", 0) - before.get("delivered", 0) == 5
+    assert after.get("failed", 0) - before.get("failed", 0) == refusals
     # The check can fail: another secret, or a changed body, does not verify.
     h, body = r.requests[-1]
     with pytest.raises(InvalidSignature):
