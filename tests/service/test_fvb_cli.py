@@ -5,6 +5,7 @@ and a SIGKILL that must take every child with it)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -153,7 +154,9 @@ def test_scheduler_logs_its_info_lines(tmp_path, tiny_t2v):
     )
     try:
         line = process.stderr.readline()
-        assert "INFO scheduler.process: scheduler started" in line, line
+        record = json.loads(line)  # JSON lines (fvb_core/logs.py)
+        assert (record["level"], record["name"]) == ("INFO", "scheduler.process"), line
+        assert record["message"].startswith("scheduler started: pools default"), line
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
