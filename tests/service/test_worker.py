@@ -804,7 +804,7 @@ def test_warm_shutdown_waits_for_an_in_flight_upload(stack):
                 f"job {job_id} upload of {video_key(job_id, 1)} failed on try 1,"
                 in stack.worker_logs()
             ),
-            30,
+            90,  # a render on a loaded 2-core machine, then the first try
             "a failed upload try",
         )
         worker, _ = worker_of(stack, job_id)
@@ -814,8 +814,8 @@ def test_warm_shutdown_waits_for_an_in_flight_upload(stack):
     finally:
         stack.s3.start()
     try:
-        stack.wait_status(job_id, "succeeded", "failed", timeout=30)
-        assert worker.popen.wait(timeout=30) == 0
+        stack.wait_status(job_id, "succeeded", "failed", timeout=90)
+        assert worker.popen.wait(timeout=60) == 0
         assert_rendered(stack, job_id, 1, {**TINY, "seed": 1234})
     finally:
         # Give the module its second worker back.
