@@ -365,6 +365,7 @@ class VideoGenerator:
         progress: bool = True,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        guidance_scale_2: float | None = None,
     ) -> GenerationResult:
         """Render ``num_videos_per_prompt`` videos of each prompt, one after another, in
         prompt order (prompt 0's videos first); see :class:`GenerationResult`.
@@ -394,6 +395,9 @@ class VideoGenerator:
         ones the prompts give. ``prompt`` may then be None, or name the prompts (one per row:
         only a label, ``GenerationResult.prompts``). Without ``negative_prompt_embeds`` the
         negative prompt is encoded as usual (under guidance).
+
+        ``guidance_scale_2``: the low-noise expert's guidance scale, for a Wan2.2 two-expert
+        model (default: ``guidance_scale``); refused for a model with one expert.
         """
         prompts = _prompts_of(prompt, prompt_embeds)
         _check_embeds(prompt_embeds, len(prompts), "prompt_embeds")
@@ -427,6 +431,7 @@ class VideoGenerator:
                 num_frames=num_frames,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
+                guidance_scale_2=guidance_scale_2,
                 seed=None if seed is None else seed + i * per_prompt + j,
                 fps=fps,
                 prompt_embeds=_rows(prompt_embeds, i),
@@ -534,7 +539,11 @@ class VideoGenerator:
             stage = getattr(self.pipeline, "input_validation_stage", None)
             if isinstance(stage, InputValidationStage):
                 return stage
-        return InputValidationStage()
+            return InputValidationStage()
+        # The ranks hold the pipeline; what the shared checks need comes from the folder.
+        assert self.executor is not None
+        index = read_model_index(Path(self.executor.model_path))
+        return InputValidationStage(two_experts=index.get("boundary_ratio") is not None)
 
     def _attach_noise(
         self, requests: list[dict[str, Any]], generators: list[torch.Generator]

@@ -26,6 +26,8 @@ class ComposedPipelineBase(ABC):
     """
 
     _required_config_modules: list[str] = []
+    #: Components loaded when ``model_index.json`` names them (Wan2.2's ``transformer_2``).
+    _optional_config_modules: list[str] = []
     #: Components built as tensor-parallel shards over the TP group (see
     #: ``fastvideo.distributed.parallel_state``); every other one is built whole on each rank.
     #: The TP groups are blocks of the SP/CFG ranks, which already split the DiT's tokens or
@@ -68,7 +70,10 @@ class ComposedPipelineBase(ABC):
                 f"{self.model_path / 'model_index.json'} lists only {sorted(specs)}"
             )
         modules = {}
-        for name in self.required_config_modules:
+        wanted = self.required_config_modules + [
+            name for name in self._optional_config_modules if name in specs
+        ]
+        for name in wanted:
             sharded = name in self._tensor_parallel_modules
             with contextlib.nullcontext() if sharded else tensor_parallel_coordinates(0, 1):
                 modules[name] = load_component(name, *specs[name], self.model_path, fastvideo_args)

@@ -42,6 +42,10 @@ class ForwardBatch:
     num_frames: int = 81
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
+    #: The low-noise expert's guidance scale (Wan2.2's ``transformer_2``); None: the same as
+    #: ``guidance_scale``. Whether guidance runs at all follows ``guidance_scale`` alone, as
+    #: in diffusers.
+    guidance_scale_2: float | None = None
     seed: int | None = None
     fps: int = 16
     max_sequence_length: int = 512

@@ -41,6 +41,9 @@ class TinyWanConfig:
     t5_heads: int = 4
     scheduler: str = "unipc"  # or "flow_match_euler"
     image_to_video: bool = False
+    #: Wan2.2's two experts: a second DiT (other weights) for the low-noise steps, switched
+    #: at ``boundary_ratio`` of the training timesteps.
+    boundary_ratio: float | None = None
     clip_hidden: int = 24
     clip_image_size: int = 32
 
@@ -160,6 +163,10 @@ def build_tiny_wan_components(config: TinyWanConfig, seed: int = 0) -> dict:
         rope_max_seq_len=32,
         **image_kwargs,
     ).eval()
+    if config.boundary_ratio is not None:
+        # Drawn after the first: other random weights, the same architecture.
+        first = components["transformer"]
+        components["transformer_2"] = WanTransformer3DModel.from_config(first.config).eval()
     components["scheduler"] = _scheduler(config.scheduler)
     return components
 
@@ -180,7 +187,8 @@ def save_tiny_wan(
     config = config or TinyWanConfig()
     components = build_tiny_wan_components(config, seed)
     pipeline_cls = WanImageToVideoPipeline if config.image_to_video else WanPipeline
-    pipeline = pipeline_cls(**components)
+    extra = {"boundary_ratio": config.boundary_ratio} if config.boundary_ratio is not None else {}
+    pipeline = pipeline_cls(**components, **extra)
     folder = Path(folder)
     pipeline.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
     return folder

@@ -48,27 +48,55 @@ def broadcast_stop(stop: bool, device: torch.device) -> bool:
 
 
 class DenoisingStage(PipelineStage):
-    def __init__(self, transformer, scheduler) -> None:
+    """``transformer_2`` and ``boundary_ratio`` (Wan2.2's two experts, as diffusers'
+    ``WanPipeline`` runs them): steps at timesteps >= ``boundary_ratio *
+    num_train_timesteps`` go to ``transformer`` (high noise) with ``guidance_scale``, the
+    later ones to ``transformer_2`` (low noise) with ``guidance_scale_2``. Both experts stay
+    where they were loaded (resident), so the switch costs nothing."""
+
+    def __init__(self, transformer, scheduler, transformer_2=None, boundary_ratio=None) -> None:
         super().__init__()
+        if (transformer_2 is None) != (boundary_ratio is None):
+            raise ValueError("transformer_2 and boundary_ratio go together (Wan2.2's experts)")
         self.transformer = transformer
+        self.transformer_2 = transformer_2
+        self.boundary_ratio = boundary_ratio
         self.scheduler = scheduler
         self.step_cache: StepCache | None = None
         self._compiled_shapes: set[tuple[int, ...]] = set()
 
-    def _predict(self, model_input, timestep, text, image, branch: str = "cond") -> torch.Tensor:
+    def _expert(self, t: torch.Tensor, batch: ForwardBatch) -> tuple[str, float]:
+        """Which expert runs at timestep ``t`` and with which guidance scale."""
+        if self.transformer_2 is None:
+            return "transformer", batch.guidance_scale
+        boundary = self.boundary_ratio * self.scheduler.config.num_train_timesteps
+        if t >= boundary:
+            return "transformer", batch.guidance_scale
+        low = batch.guidance_scale_2
+        return "transformer_2", batch.guidance_scale if low is None else low
+
+    def _predict(
+        self, model_input, timestep, text, image, branch: str = "cond", expert: str = "transformer"
+    ) -> torch.Tensor:
         kwargs = {"encoder_hidden_states_image": image} if image is not None else {}
         if self.step_cache is not None:
-            kwargs["step_cache"] = self.step_cache.branch(branch)
-        return self.transformer(
+            # Each expert keeps its own cache state: one's residuals say nothing of the other.
+            key = branch if expert == "transformer" else f"{branch}:{expert}"
+            kwargs["step_cache"] = self.step_cache.branch(key)
+        return getattr(self, expert)(
             hidden_states=model_input, timestep=timestep, encoder_hidden_states=text, **kwargs
         )
 
-    def _guided_prediction(self, model_input, timestep, text, negative, image, guidance_scale):
+    def _guided_prediction(
+        self, model_input, timestep, text, negative, image, guidance_scale, expert="transformer"
+    ):
         if negative is None:
-            return self._predict(model_input, timestep, text, image)
+            return self._predict(model_input, timestep, text, image, expert=expert)
         if get_cfg_world_size() == 1:
-            noise_pred = self._predict(model_input, timestep, text, image)
-            noise_uncond = self._predict(model_input, timestep, negative, image, "uncond")
+            noise_pred = self._predict(model_input, timestep, text, image, expert=expert)
+            noise_uncond = self._predict(
+                model_input, timestep, negative, image, "uncond", expert=expert
+            )
         else:
             conditional = get_cfg_rank() == 0
             mine = self._predict(
@@ -77,6 +105,7 @@ class DenoisingStage(PipelineStage):
                 text if conditional else negative,
                 image,
                 "cond" if conditional else "uncond",
+                expert=expert,
             )
             # (B, ...) from each CFG rank -> (2B, ...): conditional first, then unconditional.
             noise_pred, noise_uncond = cfg_model_parallel_all_gather(mine, dim=0).chunk(2, dim=0)
@@ -118,8 +147,9 @@ class DenoisingStage(PipelineStage):
                 model_input = torch.cat([latents, batch.condition_latents], dim=1)
             model_input = model_input.to(dtype)
             timestep = t.expand(latents.shape[0])
+            expert, guidance_scale = self._expert(t, batch)
             noise_pred = self._guided_prediction(
-                model_input, timestep, text, negative, image, batch.guidance_scale
+                model_input, timestep, text, negative, image, guidance_scale, expert
             )
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             stop = False

@@ -44,11 +44,14 @@ class InputValidationStage(PipelineStage):
         spatial_multiple: int = 1,
         temporal_factor: int = 1,
         requires_image: bool = False,
+        two_experts: bool = False,
     ) -> None:
         super().__init__()
         self.spatial_multiple = spatial_multiple
         self.temporal_factor = temporal_factor
         self.requires_image = requires_image
+        #: The model has a low-noise expert (Wan2.2): ``guidance_scale_2`` applies.
+        self.two_experts = two_experts
 
     def validate(self, batch: ForwardBatch) -> None:
         prompts = batch.prompt if isinstance(batch.prompt, list) else [batch.prompt]
@@ -86,6 +89,15 @@ class InputValidationStage(PipelineStage):
             )
         if not isinstance(batch.guidance_scale, int | float) or batch.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a number >= 0, got {batch.guidance_scale!r}")
+        if batch.guidance_scale_2 is not None:
+            if not self.two_experts:
+                raise ValueError(
+                    "guidance_scale_2 applies only to a model with two experts (Wan2.2: "
+                    "model_index.json has transformer_2 and boundary_ratio); this one has one"
+                )
+            scale = batch.guidance_scale_2
+            if isinstance(scale, bool) or not isinstance(scale, int | float) or scale < 0:
+                raise ValueError(f"guidance_scale_2 must be a number >= 0, got {scale!r}")
         if batch.seed is not None and (not isinstance(batch.seed, int) or batch.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {batch.seed!r}")
         if self.requires_image and batch.image is None:
