@@ -105,3 +105,17 @@ def test_dmd_on_two_ranks_equals_one_process(folder):
     with VideoGenerator.from_pretrained(folder, num_gpus=2, dist_timeout_s=60, **engine) as sp2:
         frames = sp2.generate_video(PROMPT, seed=4, **request).frames
     assert expected.std() > 1e-3 and np.abs(frames - expected).max() <= 1e-5
+
+
+def test_four_step_sampling_without_guidance_runs_no_second_forward(folder):
+    # A step-distilled model sampled with the ordinary scheduler loop (flow-match Euler with
+    # its shift): guidance_scale=1 skips the unconditional branch, not just its weight.
+    with VideoGenerator.from_pretrained(folder, device="cpu") as generator:
+        forwards = []
+        generator.pipeline.get_module("transformer").register_forward_hook(
+            lambda *args: forwards.append(1)
+        )
+        generator.generate_video(PROMPT, seed=1, num_inference_steps=4, guidance_scale=1.0, **SIZE)
+        assert len(forwards) == 4
+        generator.generate_video(PROMPT, seed=1, num_inference_steps=4, guidance_scale=3.0, **SIZE)
+        assert len(forwards) == 4 + 8
