@@ -48,6 +48,7 @@ _GENERATION_FIELDS = (
     "num_frames",
     "num_inference_steps",
     "guidance_scale",
+    "guidance_scale_2",
     "seed",
     "fps",
 )
@@ -62,6 +63,8 @@ class JobParams:
     num_frames: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    #: A two-expert model's low-noise guidance scale (Wan2.2); None: ``guidance_scale``.
+    guidance_scale_2: float | None = None
     #: Picked at submission when the client gave none, so every attempt draws the same noise.
     seed: int | None = None
     fps: int | None = None
@@ -88,8 +91,10 @@ class JobParams:
 
     def to_json(self) -> dict[str, Any]:
         document = dataclasses.asdict(self)
-        if self.input_image_key is None:
-            del document["input_image_key"]
+        # Fields only some models take are stored only when given.
+        for name in ("input_image_key", "guidance_scale_2"):
+            if document[name] is None:
+                del document[name]
         return document
 
     def generation_kwargs(self) -> dict[str, Any]:
@@ -127,6 +132,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "num_frames": (int,),
     "num_inference_steps": (int,),
     "guidance_scale": (int, float),
+    "guidance_scale_2": (int, float),
     "seed": (int,),
     "fps": (int,),
     "seconds": (str, int, float),
@@ -139,7 +145,7 @@ def _checked(name: str, value: Any) -> Any:
     types = _TYPES.get(name)
     if types is not None and (isinstance(value, bool) or not isinstance(value, types)):
         raise ValueError(f"params.{name} has the wrong type ({type(value).__name__})")
-    if name == "guidance_scale":
+    if name in ("guidance_scale", "guidance_scale_2"):
         return float(value)
     if name == "seconds":
         return str(value)

@@ -33,6 +33,11 @@ from typing import Any
 IMAGE_TO_VIDEO_PIPELINES = {"WanImageToVideoPipeline"}
 
 
+#: A few-step DMD-distilled pipeline (``fastvideo/pipelines/wan_dmd``), its default steps.
+DMD_PIPELINE = "WanDMDPipeline"
+DMD_DEFAULT_STEPS = (1000, 757, 522)
+
+
 @dataclass(frozen=True)
 class ServedModel:
     name: str
@@ -47,6 +52,10 @@ class ServedModel:
     pipeline_options: dict[str, Any] = field(default_factory=dict)
     # Read from the model folder.
     pipeline_class: str = ""
+    #: Wan2.2's two experts (``transformer_2`` and ``boundary_ratio``): guidance_scale_2.
+    two_experts: bool = False
+    #: A DMD-distilled model's fixed steps (``WanDMDPipeline``), or None.
+    distilled_steps: int | None = None
     spatial_multiple: int = 16
     temporal_factor: int = 4
     #: The DiT's patch size over the latent (frames, height, width).
@@ -126,7 +135,9 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _inspect_folder(path: Path) -> dict[str, Any]:
+def _inspect_folder(path: Path, chosen_pipeline: str | None = None) -> dict[str, Any]:
+    """What the folder says the model can do (``chosen_pipeline``: the entry's
+    ``pipeline_options.pipeline_class_name``, which overrides the folder's own class)."""
     index = _read_json(path / "model_index.json")
     if not index:
         raise ValueError(f"model folder {path} has no model_index.json")
@@ -134,8 +145,14 @@ def _inspect_folder(path: Path) -> dict[str, Any]:
     vae = _read_json(path / "vae" / "config.json")
     patch = tuple(int(p) for p in transformer.get("patch_size", [1, 2, 2]))
     spatial = int(vae.get("scale_factor_spatial", 8)) * max(patch[1], patch[2])
+    pipeline_class = chosen_pipeline or index.get("_class_name", "")
+    distilled = None
+    if pipeline_class == DMD_PIPELINE:
+        distilled = len(index.get("dmd_denoising_steps") or DMD_DEFAULT_STEPS)
     return {
-        "pipeline_class": index.get("_class_name", ""),
+        "pipeline_class": pipeline_class,
+        "two_experts": index.get("boundary_ratio") is not None,
+        "distilled_steps": distilled,
         "spatial_multiple": spatial,
         "temporal_factor": int(vae.get("scale_factor_temporal", 4)),
         "latent_patch": patch,
@@ -195,8 +212,12 @@ def load_models_config(path: Path) -> dict[str, ServedModel]:
         if not folder.is_absolute():
             folder = (path.parent / folder).resolve()
         pool_gpus = pools.get(entry.get("pool", "default"))
+        chosen = (entry.get("pipeline_options") or {}).get("pipeline_class_name")
         model = ServedModel(
-            name=name, **{**entry, "path": folder}, **_inspect_folder(folder), pool_gpus=pool_gpus
+            name=name,
+            **{**entry, "path": folder},
+            **_inspect_folder(folder, chosen),
+            pool_gpus=pool_gpus,
         )
         if "default_size" not in entry:
             model = dataclasses.replace(model, default_size=_fitting_default_size(model))

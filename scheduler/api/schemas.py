@@ -79,6 +79,8 @@ class VideoObject(BaseModel):
     fps: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    #: Two-expert models (Wan2.2 A14B): the low-noise expert's scale, when given.
+    guidance_scale_2: float | None = None
     seed: int | None = None
     priority: int = 0
     metadata: dict[str, str] | None = None
@@ -127,6 +129,7 @@ class VideoObject(BaseModel):
             fps=params.fps,
             num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale,
+            guidance_scale_2=params.guidance_scale_2,
             seed=params.seed,
             priority=job.priority,
             metadata=params.metadata or None,
@@ -163,6 +166,10 @@ class ModelObject(BaseModel):
     queue: str
     gpus: int
     image_to_video: bool
+    #: Wan2.2's two experts: the video body takes guidance_scale_2.
+    two_experts: bool = False
+    #: A few-step distilled model's fixed steps (no guidance, no negative prompt), or None.
+    distilled_steps: int | None = None
     default_size: str
     default_fps: int
     max_frames: int
@@ -183,6 +190,8 @@ class ModelObject(BaseModel):
             queue=model.queue,
             gpus=model.gpus,
             image_to_video=model.image_to_video,
+            two_experts=model.two_experts,
+            distilled_steps=model.distilled_steps,
             default_size=model.default_size,
             default_fps=model.default_fps,
             max_frames=model.longest,

@@ -56,6 +56,7 @@ FIELDS = frozenset(
         "num_frames",
         "num_inference_steps",
         "guidance_scale",
+        "guidance_scale_2",
         "seed",
         "fps",
         "priority",
@@ -149,6 +150,8 @@ class VideoRequest:
     fps: int
     num_inference_steps: int
     guidance_scale: float
+    #: Two-expert models only: the low-noise expert's scale (None: ``guidance_scale``).
+    guidance_scale_2: float | None
     #: As given; None means "pick one" (picked once, at submission, and stored).
     seed: int | None
     priority: int
@@ -170,6 +173,7 @@ class VideoRequest:
             "fps": self.fps,
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
+            "guidance_scale_2": self.guidance_scale_2,
             "seed": self.seed,
             "priority": self.priority,
             "metadata": self.metadata,
@@ -189,6 +193,7 @@ class VideoRequest:
             num_frames=self.num_frames,
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
+            guidance_scale_2=self.guidance_scale_2,
             seed=seed,
             fps=self.fps,
             seconds=self.seconds,
@@ -404,6 +409,41 @@ def _image(fields: dict[str, Any], model: ServedModel) -> ReferenceImage | None:
     return decode_image(bytes_from_data_url(value))
 
 
+def _distilled(
+    fields: dict[str, Any], model: ServedModel, negative: str | None
+) -> tuple[int, float]:
+    """A DMD-distilled model renders in its fixed steps without guidance: a request that
+    asks for other steps, a guidance scale or a negative prompt is refused, not ignored."""
+    steps = model.distilled_steps
+    assert steps is not None
+    if _given(fields, "num_inference_steps"):
+        asked = _as_int("num_inference_steps", fields["num_inference_steps"], 1, model.max_steps)
+        if asked != steps:
+            raise ApiError.invalid(
+                "num_inference_steps",
+                f"model '{model.name}' is distilled to {steps} steps; leave "
+                f"num_inference_steps out or send {steps}",
+                "unsupported",
+            )
+    if _given(fields, "guidance_scale"):
+        scale = _as_float("guidance_scale", fields["guidance_scale"], *GUIDANCE_RANGE)
+        if scale != 1.0:
+            raise ApiError.invalid(
+                "guidance_scale",
+                f"model '{model.name}' is distilled without guidance; leave guidance_scale out "
+                "or send 1",
+                "unsupported",
+            )
+    if negative is not None:
+        raise ApiError.invalid(
+            "negative_prompt",
+            f"model '{model.name}' is distilled without guidance: a negative prompt has no "
+            "effect; leave it out",
+            "unsupported",
+        )
+    return steps, 1.0
+
+
 def validate_create(fields: dict[str, Any], models: dict[str, ServedModel]) -> VideoRequest:
     """Check every field; the first problem found becomes a 400 (404 for an unknown model)."""
     unknown = sorted(set(fields) - FIELDS)
@@ -422,16 +462,29 @@ def validate_create(fields: dict[str, Any], models: dict[str, ServedModel]) -> V
     width, height = _size(fields, model)
     fps = _as_int("fps", fields["fps"], *FPS_RANGE) if _given(fields, "fps") else model.default_fps
     num_frames, seconds = _frames(fields, model, fps)
-    steps = (
-        _as_int("num_inference_steps", fields["num_inference_steps"], 1, model.max_steps)
-        if _given(fields, "num_inference_steps")
-        else min(DEFAULT_STEPS, model.max_steps)
-    )
-    guidance = (
-        _as_float("guidance_scale", fields["guidance_scale"], *GUIDANCE_RANGE)
-        if _given(fields, "guidance_scale")
-        else DEFAULT_GUIDANCE
-    )
+    if model.distilled_steps is not None:
+        steps, guidance = _distilled(fields, model, negative)
+    else:
+        steps = (
+            _as_int("num_inference_steps", fields["num_inference_steps"], 1, model.max_steps)
+            if _given(fields, "num_inference_steps")
+            else min(DEFAULT_STEPS, model.max_steps)
+        )
+        guidance = (
+            _as_float("guidance_scale", fields["guidance_scale"], *GUIDANCE_RANGE)
+            if _given(fields, "guidance_scale")
+            else DEFAULT_GUIDANCE
+        )
+    guidance_2 = None
+    if _given(fields, "guidance_scale_2"):
+        if not model.two_experts:
+            raise ApiError.invalid(
+                "guidance_scale_2",
+                f"model '{model.name}' has one expert: guidance_scale_2 applies to two-expert "
+                "models (Wan2.2 A14B)",
+                "unsupported",
+            )
+        guidance_2 = _as_float("guidance_scale_2", fields["guidance_scale_2"], *GUIDANCE_RANGE)
     seed = _as_int("seed", fields["seed"], 0, SEED_MAX) if _given(fields, "seed") else None
     metadata = _metadata(fields["metadata"]) if _given(fields, "metadata") else {}
     batch_id = None
@@ -455,6 +508,7 @@ def validate_create(fields: dict[str, Any], models: dict[str, ServedModel]) -> V
         fps=fps,
         num_inference_steps=steps,
         guidance_scale=guidance,
+        guidance_scale_2=guidance_2,
         seed=seed,
         priority=priority,
         metadata=metadata,
