@@ -162,7 +162,9 @@ def _local_socket_flags(data_dir: Path) -> list[str]:
 
 
 def _s3_probe(port: int, access_key: str, secret_key: str) -> Callable[[], bool]:
-    """A check that a signed ListBuckets succeeds: the gateway is up, has its filer, knows our key.
+    """A check that a signed ListBuckets succeeds: the gateway is up, has its filer, knows our
+    key; and, when the store already holds objects (a restart), that one of them reads back:
+    the filer answers before its volumes are loaded, and a read then fails with InternalError.
 
     The boto3 client is made on first use and kept: making one costs more than the request.
     """
@@ -182,7 +184,11 @@ def _s3_probe(port: int, access_key: str, secret_key: str) -> Callable[[], bool]
                 region_name="us-east-1",
                 config=Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1}),
             )
-        client.list_buckets()
+        for bucket in client.list_buckets().get("Buckets", []):
+            listed = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents")
+            if listed and listed[0].get("Size"):  # (a range of an empty object is a 416)
+                client.get_object(Bucket=bucket["Name"], Key=listed[0]["Key"], Range="bytes=0-0")
+                break
         return True
 
     return ready
