@@ -285,6 +285,8 @@ class VideoGenerator:
         if (pipeline is None) == (executor is None):
             raise ValueError("VideoGenerator needs either a pipeline or a multi-rank executor")
         self.pipeline = pipeline
+        #: The multi-rank generator's shared input checks (``_input_validation``).
+        self._rank_validation: InputValidationStage | None = None
         self.fastvideo_args = fastvideo_args
         self.executor = executor
 
@@ -540,10 +542,14 @@ class VideoGenerator:
             if isinstance(stage, InputValidationStage):
                 return stage
             return InputValidationStage()
-        # The ranks hold the pipeline; what the shared checks need comes from the folder.
-        assert self.executor is not None
-        index = read_model_index(Path(self.executor.model_path))
-        return InputValidationStage(two_experts=index.get("boundary_ratio") is not None)
+        # The ranks hold the pipeline; what the shared checks need comes from the folder,
+        # read once (not on every request).
+        if self._rank_validation is None:
+            assert self.executor is not None
+            index = read_model_index(Path(self.executor.model_path))
+            two_experts = index.get("boundary_ratio") is not None
+            self._rank_validation = InputValidationStage(two_experts=two_experts)
+        return self._rank_validation
 
     def _attach_noise(
         self, requests: list[dict[str, Any]], generators: list[torch.Generator]

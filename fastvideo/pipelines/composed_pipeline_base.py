@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -55,12 +56,17 @@ class ComposedPipelineBase(ABC):
         self.initialize_pipeline(fastvideo_args)
         self.create_pipeline_stages(fastvideo_args)
 
+    @functools.cached_property
+    def model_index(self) -> dict:
+        """The folder's ``model_index.json``, read once (loading and the stages both ask)."""
+        return read_model_index(self.model_path)
+
     @property
     def required_config_modules(self) -> list[str]:
         return self._required_config_modules
 
     def load_modules(self, fastvideo_args: FastVideoArgs) -> dict[str, Any]:
-        index = read_model_index(self.model_path)
+        index = self.model_index
         self.validate_model_index(index)
         specs = component_specs(index)
         missing = [name for name in self.required_config_modules if name not in specs]

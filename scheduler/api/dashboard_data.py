@@ -27,6 +27,7 @@ from fvb_core.jobs import JobStatus
 from scheduler.api import fleet_view
 from scheduler.api.batches import request_counts
 from scheduler.api.context import ApiContext
+from scheduler.api.dashboard_jobs import run_seconds
 from scheduler.api.errors import ApiError
 from scheduler.api.fleet_view import FleetWorker
 from scheduler.api.schemas import API_STATUS, JOB_STATUSES, ApiStatus, BatchObject, unix
@@ -191,12 +192,6 @@ def percentile(ordered: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _seconds(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None or end is None:
-        return None
-    return round((end - start).total_seconds(), 3)
-
-
 def _counts(session: Session, by_key: Counter) -> StatusCounts:
     """The cards, from the roll-ups (``by_key``: (tenant, model, status) -> jobs)."""
     counts = StatusCounts()
@@ -351,12 +346,7 @@ def _latest_jobs(
     ).all()
     table = []
     for row in rows:
-        if row.status == JobStatus.RUNNING:
-            duration = _seconds(row.started_at, now)
-        elif JobStatus(row.status).is_final:
-            duration = _seconds(row.started_at, row.finished_at)
-        else:  # queued, perhaps again after a failed attempt: not running now
-            duration = None
+        duration = run_seconds(row.status, row.started_at, row.finished_at, now)
         table.append(
             JobRow(
                 id=row.id,

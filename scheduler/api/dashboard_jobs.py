@@ -275,7 +275,10 @@ def list_page(
     )
 
 
-def _duration(status: str, started: datetime | None, finished: datetime | None, now: datetime):
+def run_seconds(
+    status: str, started: datetime | None, finished: datetime | None, now: datetime
+) -> float | None:
+    """Run time of the current attempt: finished (or, while running, now) minus started."""
     if started is None:
         return None
     if status == JobStatus.RUNNING:
@@ -303,7 +306,7 @@ def _list_row(row: Any, now: datetime) -> JobListRow:
         created_at=unix(row.created_at) or 0,
         started_at=unix(row.started_at),
         finished_at=unix(row.finished_at),
-        duration_s=_duration(row.status, row.started_at, row.finished_at, now),
+        duration_s=run_seconds(row.status, row.started_at, row.finished_at, now),
         error_code=row.error_code,
         cancel_requested=bool(row.cancel_requested),
         worker_id=row.worker_id,
@@ -437,7 +440,7 @@ def detail(session: Session, context: ApiContext, scope: str | None, job_id: str
         heartbeat_at=unix(job.heartbeat_at),
         finished_at=unix(job.finished_at),
         queue_wait_s=queue_wait,
-        duration_s=_duration(job.status, job.started_at, job.finished_at, now),
+        duration_s=run_seconds(job.status, job.started_at, job.finished_at, now),
         expires_at=unix(job.expires_at) if succeeded else None,
         expired=expired,
         output=output,

@@ -5,7 +5,6 @@ diffusers' ``WanPipeline``."""
 from __future__ import annotations
 
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.models.loader.model_folder import read_model_index
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.stages import (
     DecodingStage,
@@ -71,7 +70,7 @@ class WanPipeline(ComposedPipelineBase):
         check_wan_model_index(index, type(self).__name__, two_experts=True)
 
     def initialize_pipeline(self, fastvideo_args: FastVideoArgs) -> None:
-        ratio = read_model_index(self.model_path).get("boundary_ratio")
+        ratio = self.model_index.get("boundary_ratio")
         self.boundary_ratio = float(ratio) if ratio is not None else None
 
     def create_pipeline_stages(self, fastvideo_args: FastVideoArgs) -> None:

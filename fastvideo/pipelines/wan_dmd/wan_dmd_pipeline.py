@@ -11,7 +11,6 @@ timesteps come from ``model_index.json``'s ``dmd_denoising_steps`` (default ``[1
 from __future__ import annotations
 
 from fastvideo.fastvideo_args import FastVideoArgs
-from fastvideo.models.loader.model_folder import read_model_index
 from fastvideo.pipelines.composed_pipeline_base import ComposedPipelineBase
 from fastvideo.pipelines.pipeline_batch_info import ForwardBatch
 from fastvideo.pipelines.stages import (
@@ -46,7 +45,7 @@ class WanDMDPipeline(ComposedPipelineBase):
         check_wan21_model_index(index, type(self).__name__)
 
     def initialize_pipeline(self, fastvideo_args: FastVideoArgs) -> None:
-        steps = read_model_index(self.model_path).get("dmd_denoising_steps")
+        steps = self.model_index.get("dmd_denoising_steps")
         self.dmd_steps = tuple(steps) if steps else DEFAULT_DMD_STEPS
 
     def create_pipeline_stages(self, fastvideo_args: FastVideoArgs) -> None:
